@@ -1,0 +1,445 @@
+"""Dim-annotation rules for the torch ops that Hugging Face decoder models call.
+
+String rules cover fixed signatures; rule functions build the annotation from the call's
+arguments and shapes. Conventions: a reduction over a dim is a partial sum only for sum-like
+ops (``sum``, ``linear``, ``matmul``); other reductions (``mean``, ``softmax``, ``max``) mark the
+reduced dim ``^`` so it is never split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .registry import OpCall, TensorMeta, set_rule
+
+
+class _Names:
+    """Fresh dim names ``a0, a1, ...`` with a prefix per role."""
+
+    def __init__(self, prefix: str = "d") -> None:
+        self.prefix = prefix
+        self.count = 0
+
+    def __call__(self) -> str:
+        self.count += 1
+        return f"{self.prefix}{self.count - 1}"
+
+
+def _fmt(dims: list[str]) -> str:
+    return " ".join(dims)
+
+
+def _frozen(n: int, names: _Names) -> list[str]:
+    return [names() + "^" for _ in range(n)]
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _opaque(call: OpCall) -> str:
+    """Every dim of every tensor frozen: the op runs whole (replicated) on every rank."""
+    names = _Names("z")
+    ins = [_fmt(_frozen(t.ndim, names)) for t in call.inputs]
+    outs = [_fmt(_frozen(t.ndim, names)) for t in call.outputs]
+    return ", ".join(ins) + " -> " + ", ".join(outs)
+
+
+def _elementwise(call: OpCall) -> str:
+    """Broadcasting elementwise op: dims aligned from the right, size-1 broadcast dims are ``1``."""
+    out = call.outputs[0]
+    names = [f"d{i}" for i in range(out.ndim)]
+    ins = []
+    for t in call.inputs:
+        offset = out.ndim - t.ndim
+        if offset < 0:
+            return _opaque(call)
+        dims = []
+        for i, size in enumerate(t.shape):
+            j = i + offset
+            dims.append("1" if size == 1 and out.shape[j] != 1 else names[j])
+        ins.append(_fmt(dims))
+    outs = [_fmt(names) for _ in call.outputs]
+    return ", ".join(ins) + " -> " + ", ".join(outs)
+
+
+def _first_elementwise(call: OpCall) -> str:
+    """Elementwise in the first tensor; further tensors (``x.to(other)``) only lend dtype/device."""
+    names = _Names("o")
+    first = _elementwise(OpCall(call.name, call.args, call.kwargs, call.inputs[:1], call.outputs))
+    left, right = first.split("->")
+    rest = [_fmt(_frozen(t.ndim, names)) for t in call.inputs[1:]]
+    return ", ".join([left.strip()] + rest) + " -> " + right.strip()
+
+
+def _dims_arg(call: OpCall, index: int, name: str, ndim: int) -> list[int] | None:
+    dim = call.arg(index, name)
+    if dim is None:
+        return None
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted(_norm_dim(d, ndim) for d in dims)
+
+
+def _reduction(sum_like: bool, dim_index: int = 1, keepdim_index: int = 2) -> Any:
+    def rule(call: OpCall) -> str:
+        x = call.inputs[0]
+        dims = _dims_arg(call, dim_index, "dim", x.ndim)
+        if dims is None:
+            dims = list(range(x.ndim))
+        keepdim = bool(call.arg(keepdim_index, "keepdim", False))
+        names = [f"d{i}" for i in range(x.ndim)]
+        ins = [n + ("" if (sum_like or i not in dims) else "^") for i, n in enumerate(names)]
+        outs = []
+        for i, n in enumerate(names):
+            if i in dims:
+                if keepdim:
+                    outs.append("1")
+            else:
+                outs.append(n)
+        out_specs = [_fmt(outs)] * len(call.outputs)  # max/min with dim return (values, indices)
+        extra = [_fmt(_frozen(t.ndim, _Names("x"))) for t in call.inputs[1:]]
+        return ", ".join([_fmt(ins)] + extra) + " -> " + ", ".join(out_specs)
+
+    return rule
+
+
+def _along_dim(dim_index: int = 1) -> Any:
+    """Ops that work along one dim and keep the shape (softmax, cumsum): that dim is never split."""
+
+    def rule(call: OpCall) -> str:
+        x = call.inputs[0]
+        d = _norm_dim(call.arg(dim_index, "dim", -1), x.ndim)
+        names = [f"d{i}" + ("^" if i == d else "") for i in range(x.ndim)]
+        return _fmt(names) + " -> " + _fmt(names)
+
+    return rule
+
+
+def _linear(call: OpCall) -> str:
+    x = call.inputs[0]
+    if len(call.inputs) == 3:
+        # A bias added on every rank would be summed k times when k is split: keep k whole.
+        return "... k^, n k^, n -> ... n"
+    return "... k, n k -> ... n" if x.ndim >= 1 else _opaque(call)
+
+
+def _matmul(call: OpCall) -> str:
+    a, b = call.inputs
+    out = call.outputs[0]
+    if a.ndim < 2 or b.ndim < 2:
+        return _opaque(call)
+    batch = out.ndim - 2
+    names = [f"b{i}" for i in range(batch)]
+
+    def spec(t: TensorMeta, last: list[str]) -> str:
+        offset = batch - (t.ndim - 2)
+        dims = []
+        for i in range(t.ndim - 2):
+            j = i + offset
+            dims.append("1" if t.shape[i] == 1 and out.shape[j] != 1 else names[j])
+        return _fmt(dims + last)
+
+    return f"{spec(a, ['m', 'k'])}, {spec(b, ['k', 'n'])} -> {_fmt(names + ['m', 'n'])}"
+
+
+def _map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> str:
+    """Annotation mapping the dims of a view/reshape: ``b l (h d) -> b l h d``."""
+    names = _Names("v")
+    ins: list[str] = []
+    outs: list[str] = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        if i < len(in_shape) and in_shape[i] == 1:
+            ins.append("1")
+            i += 1
+            continue
+        if j < len(out_shape) and out_shape[j] == 1:
+            outs.append("1")
+            j += 1
+            continue
+        if i >= len(in_shape) or j >= len(out_shape):
+            raise ValueError(f"cannot map reshape {list(in_shape)} -> {list(out_shape)}")
+        gi, gj = [i], [j]
+        pi, pj = in_shape[i], out_shape[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                gi.append(i)
+                pi *= in_shape[i]
+            else:
+                j += 1
+                gj.append(j)
+                pj *= out_shape[j]
+        i += 1
+        j += 1
+        if len(gi) == 1 and len(gj) == 1:
+            n = names()
+            ins.append(n)
+            outs.append(n)
+        elif len(gi) == 1:
+            group = [names() for _ in gj]
+            ins.append("(" + " ".join(group) + ")")
+            outs.extend(group)
+        elif len(gj) == 1:
+            group = [names() for _ in gi]
+            outs.append("(" + " ".join(group) + ")")
+            ins.extend(group)
+        else:
+            ins.extend(names() + "^" for _ in gi)
+            outs.extend(names() + "^" for _ in gj)
+    return f"{_fmt(ins)} -> {_fmt(outs)}"
+
+
+def _reshape(call: OpCall) -> str:
+    return _map_reshape(call.inputs[0].shape, call.outputs[0].shape)
+
+
+def _transpose(call: OpCall) -> str:
+    x = call.inputs[0]
+    d0 = _norm_dim(call.arg(1, "dim0"), x.ndim)
+    d1 = _norm_dim(call.arg(2, "dim1"), x.ndim)
+    names = [f"d{i}" for i in range(x.ndim)]
+    out = list(names)
+    out[d0], out[d1] = out[d1], out[d0]
+    return f"{_fmt(names)} -> {_fmt(out)}"
+
+
+def _permute(call: OpCall) -> str:
+    x = call.inputs[0]
+    dims = call.args[1:] if len(call.args) > 2 else call.arg(1, "dims")
+    if isinstance(dims, int):
+        dims = [dims]
+    names = [f"d{i}" for i in range(x.ndim)]
+    return f"{_fmt(names)} -> {_fmt([names[_norm_dim(d, x.ndim)] for d in dims])}"
+
+
+def _squeeze_like(call: OpCall) -> str:
+    """unsqueeze/squeeze/flatten/unflatten: a reshape between the two shapes."""
+    return _map_reshape(call.inputs[0].shape, call.outputs[0].shape)
+
+
+def _expand(call: OpCall) -> str:
+    x, out = call.inputs[0], call.outputs[0]
+    names = _Names("x")
+    offset = out.ndim - x.ndim
+    outs = [names() + "^" for _ in range(offset)]
+    ins = []
+    for i, size in enumerate(x.shape):
+        if size == 1 and out.shape[i + offset] != 1:
+            ins.append("1")
+            outs.append(names() + "^")
+        else:
+            n = names()
+            ins.append(n)
+            outs.append(n)
+    return f"{_fmt(ins)} -> {_fmt(outs)}"
+
+
+def _is_full_slice(s: slice, size: int) -> bool:
+    start_ok = s.start is None or s.start == 0 or s.start <= -size
+    stop_ok = s.stop is None or s.stop >= size
+    return start_ok and stop_ok and (s.step is None or s.step == 1)
+
+
+def _getitem(call: OpCall) -> str:
+    x = call.inputs[0]
+    index = call.args[1]
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(it, (TensorMeta, list)) for it in items) or len(call.inputs) > 1:
+        return _opaque(call)
+    consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
+    names = _Names("g")
+    ins: list[str] = []
+    outs: list[str] = []
+    dim = 0
+    for it in items:
+        if it is Ellipsis:
+            for _ in range(x.ndim - consuming):
+                n = names()
+                ins.append(n)
+                outs.append(n)
+                dim += 1
+        elif it is None:
+            outs.append("1")
+        elif isinstance(it, bool):
+            return _opaque(call)
+        elif isinstance(it, int):
+            ins.append(names() + "^")
+            dim += 1
+        elif isinstance(it, slice):
+            if _is_full_slice(it, x.shape[dim]):
+                n = names()
+                ins.append(n)
+                outs.append(n)
+            else:
+                ins.append(names() + "^")
+                outs.append(names() + "^")
+            dim += 1
+        else:
+            return _opaque(call)
+    while dim < x.ndim:
+        n = names()
+        ins.append(n)
+        outs.append(n)
+        dim += 1
+    return f"{_fmt(ins)} -> {_fmt(outs)}"
+
+
+def _cat(call: OpCall) -> str:
+    first = call.inputs[0]
+    if any(t.ndim != first.ndim for t in call.inputs):
+        return _opaque(call)  # legacy cat of an empty 1-d tensor
+    d = _norm_dim(call.arg(1, "dim", 0), first.ndim)
+    names = _Names("x")
+    shared = [f"c{i}" for i in range(first.ndim)]
+    ins = []
+    for _t in call.inputs:
+        dims = list(shared)
+        dims[d] = names() + "^"
+        ins.append(_fmt(dims))
+    out = list(shared)
+    out[d] = names() + "^"
+    return ", ".join(ins) + " -> " + _fmt(out)
+
+
+def _split(call: OpCall) -> str:
+    x = call.inputs[0]
+    d = _norm_dim(call.arg(2, "dim", 0), x.ndim)
+    names = _Names("x")
+    shared = [f"c{i}" for i in range(x.ndim)]
+    ins = list(shared)
+    ins[d] = names() + "^"
+    outs = []
+    for _t in call.outputs:
+        dims = list(shared)
+        dims[d] = names() + "^"
+        outs.append(_fmt(dims))
+    return _fmt(ins) + " -> " + ", ".join(outs)
+
+
+def _stack(call: OpCall) -> str:
+    first = call.inputs[0]
+    d = _norm_dim(call.arg(1, "dim", 0), first.ndim + 1)
+    shared = [f"c{i}" for i in range(first.ndim)]
+    out = list(shared)
+    out.insert(d, "s^")
+    return ", ".join(_fmt(shared) for _ in call.inputs) + " -> " + _fmt(out)
+
+
+def _pad(call: OpCall) -> str:
+    x = call.inputs[0]
+    pad = list(call.arg(1, "pad"))
+    padded = {x.ndim - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
+    names = [f"d{i}" for i in range(x.ndim)]
+    ins = [n + "^" if i in padded else n for i, n in enumerate(names)]
+    outs = [f"p{i}^" if i in padded else n for i, n in enumerate(names)]
+    return f"{_fmt(ins)} -> {_fmt(outs)}"
+
+
+def _embedding(call: OpCall) -> str:
+    idx = call.inputs[0]
+    names = [f"i{k}" for k in range(idx.ndim)]
+    # Splitting the vocabulary would need masked lookups and a sum: keep n whole.
+    return f"{_fmt(names)}, n^ d -> {_fmt(names + ['d'])}"
+
+
+def _cross_entropy(call: OpCall) -> str:
+    x, target = call.inputs[0], call.inputs[1]
+    reduction = call.arg(6, "reduction", "mean")
+    extra = [f"s{i}" for i in range(x.ndim - 2)] if x.ndim > 1 else []
+    if x.ndim == 1:
+        return _opaque(call)
+    n = "n^" if reduction == "mean" else "n"  # a mean over split tokens is not a sum of the parts
+    inp = _fmt([n, "c^"] + extra)
+    tgt = _fmt([n] + extra)
+    weight = [_fmt(["c^"])] if len(call.inputs) > 2 else []
+    out = _fmt([n] + extra) if reduction == "none" else ""
+    return ", ".join([inp, tgt] + weight) + " -> " + out
+
+
+def _sdpa(call: OpCall) -> str:
+    q, k = call.inputs[0], call.inputs[1]
+    if q.ndim != 4 or k.ndim != 4:
+        return _opaque(call)
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    if heads_q == heads_kv:
+        qh, kh = "h", "h"
+    else:
+        # Grouped-query attention: query heads are (kv group, repeat); splitting g keeps groups whole.
+        qh, kh = "(h r^)", "h"
+    spec = f"b {qh} l^ e^, b {kh} s^ e^, b {kh} s^ f^"
+    mask = call.arg(3, "attn_mask")
+    if isinstance(mask, TensorMeta):
+        dims = []
+        for i, size in enumerate(mask.shape[-4:] if mask.ndim >= 4 else mask.shape):
+            full = ["b", qh, "l^", "s^"][4 - mask.ndim + i] if mask.ndim < 4 else ["b", qh, "l^", "s^"][i]
+            dims.append("1" if size == 1 else full.replace("(h r^)", "m^"))
+        spec += ", " + _fmt(dims)
+    return f"{spec} -> b {qh} l^ f^"
+
+
+def _factory(call: OpCall) -> str:
+    names = _Names("f")
+    return ", ".join(_fmt(_frozen(t.ndim, names)) for t in call.inputs) + " -> " + ", ".join(
+        _fmt(_frozen(t.ndim, names)) for t in call.outputs)
+
+
+def _triangular(call: OpCall) -> str:
+    x = call.inputs[0]
+    names = [f"d{i}" + ("^" if i >= x.ndim - 2 else "") for i in range(x.ndim)]
+    return f"{_fmt(names)} -> {_fmt(names)}"
+
+
+_ELEMENTWISE = [
+    "add", "sub", "mul", "div", "true_divide", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "sin", "cos",
+    "tanh", "sigmoid", "reciprocal", "square", "clamp", "clip", "maximum", "minimum", "eq", "ne", "lt", "gt",
+    "le", "ge", "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or", "bitwise_not",
+    "where", "masked_fill", "float", "half", "bfloat16", "double", "int", "long", "bool", "contiguous",
+    "clone", "detach", "__radd__", "__rsub__", "__rmul__", "__rtruediv__", "__rpow__", "__and__", "__or__",
+    "__invert__", "__neg__", "__truediv__", "__floordiv__", "__mod__", "floor_divide", "remainder", "erf",
+    "zeros_like", "ones_like", "full_like", "empty_like", "type", "requires_grad_", "__eq__", "__ne__",
+    "__lt__", "__gt__", "__le__", "__ge__", "__pow__", "__rpow__", "__sub__", "__mul__", "__add__", "add_",
+    "mul_", "masked_fill_", "copy_", "lerp", "addcmul",
+]
+
+
+def _register_defaults() -> None:
+    for n in _ELEMENTWISE:
+        set_rule([f"torch.Tensor.{n}", f"torch.{n}"], _elementwise)
+    for n in ["silu", "gelu", "relu", "dropout", "softplus", "leaky_relu", "elu", "mish", "hardswish"]:
+        set_rule(f"torch.nn.functional.{n}", _elementwise)
+    set_rule(["torch.Tensor.to", "torch.Tensor.type_as"], _first_elementwise)
+    set_rule("torch.nn.functional.linear", _linear)
+    set_rule(["torch.matmul", "torch.Tensor.matmul", "torch.Tensor.__matmul__", "torch.bmm", "torch.Tensor.bmm"],
+             _matmul)
+    set_rule(["torch.Tensor.view", "torch.Tensor.reshape", "torch.reshape", "torch.Tensor.view_as",
+              "torch.Tensor.reshape_as"], _reshape)
+    set_rule(["torch.Tensor.unsqueeze", "torch.unsqueeze", "torch.Tensor.squeeze", "torch.squeeze",
+              "torch.Tensor.flatten", "torch.flatten", "torch.Tensor.unflatten", "torch.unflatten"], _squeeze_like)
+    set_rule(["torch.Tensor.transpose", "torch.transpose"], _transpose)
+    set_rule(["torch.Tensor.permute", "torch.permute"], _permute)
+    set_rule(["torch.Tensor.expand", "torch.Tensor.expand_as"], _expand)
+    set_rule("torch.Tensor.__getitem__", _getitem)
+    set_rule("torch.Tensor.__setitem__", _opaque)
+    set_rule(["torch.cat", "torch.concat", "torch.concatenate"], _cat)
+    set_rule("torch.stack", _stack)
+    set_rule(["torch.Tensor.split", "torch.split", "torch.Tensor.chunk", "torch.chunk"], _split)
+    set_rule(["torch.Tensor.sum", "torch.sum"], _reduction(sum_like=True))
+    for n in ["mean", "amax", "amin", "all", "any", "prod", "logsumexp", "norm", "var", "std"]:
+        set_rule([f"torch.Tensor.{n}", f"torch.{n}"], _reduction(sum_like=False))
+    set_rule(["torch.Tensor.max", "torch.max", "torch.Tensor.min", "torch.min"], _reduction(sum_like=False))
+    for n in ["softmax", "log_softmax", "cumsum", "cumprod"]:
+        set_rule([f"torch.Tensor.{n}", f"torch.{n}", f"torch.nn.functional.{n}"], _along_dim())
+    set_rule("torch.diff", _factory)
+    set_rule(["torch.Tensor.triu", "torch.triu", "torch.Tensor.tril", "torch.tril"], _triangular)
+    set_rule("torch.nn.functional.pad", _pad)
+    set_rule("torch.nn.functional.embedding", _embedding)
+    set_rule("torch.nn.functional.cross_entropy", _cross_entropy)
+    set_rule("torch.nn.functional.scaled_dot_product_attention", _sdpa)
+    for n in ["arange", "zeros", "ones", "full", "empty", "tensor", "as_tensor", "randn", "rand", "linspace"]:
+        set_rule(f"torch.{n}", _factory)
+    set_rule(["torch.Tensor.new_zeros", "torch.Tensor.new_ones", "torch.Tensor.new_full", "torch.Tensor.new_empty",
+              "torch.Tensor.new_tensor"], _factory)
+
+
+_register_defaults()
