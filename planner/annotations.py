@@ -178,9 +178,9 @@ def _parse_tensor(text: str, whole: str, frozen: set[str]) -> TensorSpec:
                 raise AnnotationError(f"'1' inside a group in annotation '{whole}'")
             dims.append(Dim(()))
             continue
-        name, caret = (tok[:-1], True) if tok.endswith("^") else (tok, False)
         if tok == "1^":
             raise AnnotationError(f"'1^' in annotation '{whole}': a broadcast dim is never split already")
+        name, caret = (tok[:-1], True) if tok.endswith("^") else (tok, False)
         if not _NAME.match(name):
             raise AnnotationError(f"bad dim name '{tok}' in annotation '{whole}': use letters, digits and '_'")
         if caret:
