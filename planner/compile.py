@@ -137,6 +137,7 @@ def compile_model(
     output_fn: Callable[[Any], torch.Tensor] = default_output,
     memory_budget_gb: float | None = None,
     extra_fingerprint: Mapping | None = None,
+    forward_fn: Callable[..., Any] | None = None,
 ) -> CompileResult:
     """Trace ``model`` on ``example_inputs`` (real token-id tensors), plan it, write the compile output.
 
@@ -144,13 +145,14 @@ def compile_model(
     ``buffers.safetensors``; an existing ``gencode`` folder is replaced. ``policy`` is a built-in
     name (dp, tp, tp_sp, tp_batch, auto) or a function ``(graph, ctx) -> Plan``. ``param_dtype``
     (e.g. torch.bfloat16) is the dtype the runtime keeps parameters in; the graph is traced with it.
+    ``forward_fn(model, **inputs)``, when given, replaces ``model(**inputs)`` (see ``trace``).
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
     fingerprint = compile_fingerprint(model, example_inputs, plan_ngpus, policy_name, recompute, param_dtype,
                                       extra_fingerprint)
-    graph = trace(model, example_inputs, output_fn=output_fn, param_dtype=param_dtype)
+    graph = trace(model, example_inputs, output_fn=output_fn, param_dtype=param_dtype, forward_fn=forward_fn)
     ctx = PolicyContext(plan_ngpus=plan_ngpus, recompute=recompute, memory_budget_gb=memory_budget_gb)
     policy_fn = get_policy(policy) if isinstance(policy, str) else policy
     plan = policy_fn(graph, ctx)

@@ -202,8 +202,13 @@ def trace(
     output_fn: Callable[[Any], torch.Tensor] = default_output,
     annotate: bool = True,
     param_dtype: torch.dtype | None = None,
+    forward_fn: Callable[..., Any] | None = None,
 ) -> Graph:
     """Trace ``model(**example_inputs)`` into a Graph whose output is ``output_fn(result)``.
+
+    With ``forward_fn`` the traced call is ``forward_fn(model, **example_inputs)`` instead, so a
+    training loss (e.g. a chunked cross-entropy on the decoder's hidden states) can replace the
+    model's own while parameter names stay those of ``model``.
 
     Parameters are traced on the meta device whether the model holds real weights or meta ones;
     ``example_inputs`` must be real (CPU) tensors. ``param_dtype`` traces floating-point parameters
@@ -239,7 +244,7 @@ def trace(
     if "use_cache" in inspect.signature(model.forward).parameters:
         extra["use_cache"] = False  # a KV cache only serves generation; training graphs must not carry one
     with _module_scopes(model, scopes), recorder:
-        result = model(**example_inputs, **extra)
+        result = forward_fn(model, **example_inputs) if forward_fn else model(**example_inputs, **extra)
         loss = output_fn(result)
     graph.output = TensorRef(recorder.lookup(loss))
     prune_dead_ops(graph)

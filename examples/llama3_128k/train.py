@@ -1,0 +1,216 @@
+"""Train a Hugging Face causal LM (Llama-3-8B at 128K tokens, or a mini model) with dimshard.
+
+Compile stage (one process, no GPU needed):
+    python train.py --run_mode compile --model_id <model dir> --dataset_path <data> --plan_ngpus 8 --runtime_ngpus 8
+Run stage (compiles first when no matching compile output exists):
+    torchrun --nproc_per_node 8 train.py --model_id <model dir> --dataset_path <data> --plan_ngpus 8 --runtime_ngpus 8
+
+The loss is the next-token cross-entropy computed by dimshard.kernels.chunk_linear_cross_entropy,
+registered with the annotation ``b l d^, n^ d^, b l -> b l``: the planner may split batch and
+sequence, and no process ever holds the [tokens, vocabulary] logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import UserInputError, parse_dataclass_args  # noqa: E402
+
+from dimshard.runtime.train_config import TrainConfig  # noqa: E402
+
+
+@dataclass
+class TrainArgs(TrainConfig):
+    """The trainer's flags plus what this example adds."""
+
+    loss_chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of the chunked cross-entropy"})
+    init_seed: int = field(
+        default=0, metadata={"help": "seed for random weights when --model_id holds a config but no weights"}
+    )
+
+
+def _log(message: str) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"[dimshard] {message}", flush=True)
+
+
+def _param_dtype(args: TrainArgs, for_gpu: bool) -> torch.dtype:
+    if args.dtype == "bf16" or (args.dtype == "auto" and for_gpu):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _sequence_length(args: TrainArgs) -> int:
+    if args.sequence_length is not None:
+        return args.sequence_length
+    if not args.dataset_path:
+        raise UserInputError("give --dataset_path (its sequence length is used) or --sequence_length")
+    from dimshard.runtime.data import load_token_dataset
+
+    return len(load_token_dataset(args.dataset_path)[0]["input_ids"])
+
+
+def _compile_inputs(args: TrainArgs, sequence_length: int) -> dict[str, torch.Tensor]:
+    ids = torch.zeros(args.micro_batch_size, sequence_length, dtype=torch.long)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
+    """What to compile: the model (on meta), inputs, options and the fingerprint they give."""
+    from dimshard.planner.compile import compile_fingerprint
+    from dimshard.planner.hf import build_on_meta, load_config
+
+    if not args.model_id:
+        raise UserInputError("--model_id is required: a Hugging Face model folder (config.json, weights)")
+    if not Path(args.model_id).exists() and Path(args.model_id).is_absolute():
+        raise UserInputError(f"--model_id {args.model_id} does not exist")
+    config = load_config(args.model_id)
+    model = build_on_meta(config)
+    sequence_length = _sequence_length(args)
+    inputs = _compile_inputs(args, sequence_length)
+    dtype = _param_dtype(args, for_gpu)
+    recompute = "none" if args.recompute == "auto" and args.policy != "auto" else args.recompute
+    extra = {"loss": "chunk_linear_cross_entropy", "chunk_size": args.loss_chunk_size,
+             "memory_budget_gb": args.memory_budget_gb}
+    fingerprint = compile_fingerprint(model, inputs, args.plan_ngpus, args.policy, recompute, dtype, extra)
+    return model, inputs, dtype, recompute, extra, fingerprint
+
+
+def compile_stage(args: TrainArgs, for_gpu: bool) -> Path:
+    """Write the compile output for ``args`` into ``args.compile_dir`` and print where it is."""
+    import dimshard.planner  # noqa: F401  registers built-in rules and policies
+    from dimshard.planner.compile import compile_model
+    from dimshard.planner.hf import chunked_causal_lm_forward
+
+    model, inputs, dtype, recompute, extra, _ = _compile_request(args, for_gpu)
+    start = time.perf_counter()
+    result = compile_model(
+        model, inputs, args.compile_dir, plan_ngpus=args.plan_ngpus, policy=args.policy, recompute=recompute,
+        param_dtype=dtype, memory_budget_gb=args.memory_budget_gb, extra_fingerprint=extra,
+        forward_fn=chunked_causal_lm_forward(args.loss_chunk_size),
+    )
+    _log(f"compiled {len(result.graph.ops)} ops under policy '{result.plan.name}' on mesh "
+         f"{dict(zip(result.plan.mesh.axis_names, result.plan.mesh.shape))} in {time.perf_counter() - start:.1f}s "
+         f"-> {args.compile_dir}")
+    report = Path(args.compile_dir) / "plan_report.md"
+    if report.is_file():
+        print(report.read_text())
+    return Path(args.compile_dir)
+
+
+def compile_is_current(args: TrainArgs, for_gpu: bool) -> tuple[bool, str]:
+    """Whether ``args.compile_dir`` holds a compile output for exactly this model, plan and shape."""
+    plan_file = Path(args.compile_dir) / "plan.json"
+    if not plan_file.is_file():
+        return False, f"no compile output in {args.compile_dir}"
+    plan = json.loads(plan_file.read_text())
+    *_, fingerprint = _compile_request(args, for_gpu)
+    if plan.get("fingerprint") != fingerprint:
+        return False, (f"the compile output in {args.compile_dir} is stale (model config, sequence length, "
+                       "plan_ngpus, policy, recompute or dtype changed)")
+    return True, "matches"
+
+
+def _init_weights(module: object, args: TrainArgs) -> None:
+    """Load weights from the model folder, or draw them (seeded per parameter) when it has none."""
+    from dimshard.runtime.module import take_slice
+    from dimshard.runtime.weights import has_weights, slice_reader
+
+    if has_weights(args.model_id):
+        module.load_full_state_dict(slice_reader(args.model_id))
+        return
+    _log(f"{args.model_id} holds no weights: initializing randomly (seed {args.init_seed})")
+    from dimshard.planner.hf import load_config
+
+    std = float(getattr(load_config(args.model_id), "initializer_range", 0.02))
+    device = module.device
+    with torch.no_grad():
+        for lp in module.local_parameters():
+            if len(lp.full_shape) == 1:
+                lp.param.fill_(1.0)  # norm weights
+                continue
+            # The same full tensor on every rank, sliced: shards of one parameter stay consistent.
+            gen = torch.Generator(device=device)
+            gen.manual_seed(args.init_seed * 1_000_003 + sum(map(ord, lp.name)) * 7919 + len(lp.name))
+            full = torch.randn(lp.full_shape, generator=gen, device=device, dtype=torch.float32) * std
+            lp.param.copy_(take_slice(full, lp.slices))
+
+
+def run_stage(args: TrainArgs) -> None:
+    """Under torchrun (or one plain process): compile if needed, load, train, checkpoint."""
+    from dimshard.runtime.data import load_token_dataset
+    from dimshard.runtime.distributed import destroy_parallel, init_parallel
+    from dimshard.runtime.module import load_parallel_module, read_plan
+    from dimshard.runtime.trainer import train
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.runtime_ngpus:
+        raise UserInputError(f"--runtime_ngpus is {args.runtime_ngpus} but {world} processes were launched: "
+                             f"use torchrun --nproc_per_node {args.runtime_ngpus} (or change --runtime_ngpus)")
+    if not args.dataset_path or not Path(args.dataset_path).exists():
+        raise UserInputError(f"--dataset_path {args.dataset_path!r} does not exist: prepare it with bookcorpus.py")
+    use_gpu = torch.cuda.is_available()
+    backend = "nccl" if use_gpu else "gloo"
+    if not dist.is_initialized():
+        kwargs = {}
+        if use_gpu:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            kwargs["device_id"] = torch.device("cuda", local_rank)
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            kwargs["store"] = dist.HashStore()
+            kwargs.update(rank=0, world_size=1)
+        dist.init_process_group(backend, **kwargs)
+    try:
+        if dist.get_rank() == 0:
+            current, why = compile_is_current(args, use_gpu)
+            if not current:
+                _log(f"{why}: compiling")
+                compile_stage(args, use_gpu)
+            else:
+                _log(f"reusing the compile output in {args.compile_dir}")
+        dist.barrier()
+        plan = read_plan(args.compile_dir)
+        ctx = init_parallel(plan)
+        module = load_parallel_module(args.compile_dir, ctx)
+        if not args.resume_path:
+            _init_weights(module, args)
+        dataset = load_token_dataset(args.dataset_path, plan["model_stats"]["seq_len"])
+        from dimshard.planner.hf import load_config
+
+        model_config = load_config(args.model_id).to_dict()
+        config = TrainConfig(**{k: v for k, v in asdict(args).items() if k in TrainConfig.__dataclass_fields__})
+        result = train(config, module, ctx, dataset, plan, model_config=model_config)
+        _log(f"done: steps {result.start_step}..{result.final_step}, skipped {result.skipped_steps}, "
+             f"checkpoint {result.last_checkpoint}")
+    finally:
+        destroy_parallel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, then compile or run; user errors print one line and exit with status 2."""
+    args = parse_dataclass_args(TrainArgs, argv)
+    try:
+        args.validate()
+        if args.run_mode == "compile":
+            compile_stage(args, for_gpu=args.dtype == "bf16" or torch.cuda.is_available())
+        else:
+            run_stage(args)
+    except (UserInputError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
