@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import UserInputError, parse_dataclass_args  # noqa: E402
-
 from dimshard.runtime.train_config import TrainConfig  # noqa: E402
 
 
