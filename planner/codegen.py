@@ -110,8 +110,9 @@ class _Writer:
         self.unit_rank = unit_rank
         self.imports: dict[str, str] = {}
         self.blocks: list[_Block] = []
-        self.cache: dict[tuple[int, TensorPlacement], str] = {}
-        self.current = None  # placement of each tensor's base variable is resolved.stored
+        # (tensor id, placement) -> (variable, block): a redistributed copy is reused inside its block.
+        self.cache: dict[tuple[int, TensorPlacement], tuple[str, _Block]] = {}
+        self.methods: list[str] = []
 
     # --- naming -------------------------------------------------------------------------------
     def base_var(self, tid: int) -> str:
@@ -134,7 +135,6 @@ class _Writer:
             return self.cache[key][0]
         var = base.replace("self.", "") + "_" + "_".join(_placement_tag(p) for p in want)
         cur = base
-        shape = list(self.resolved.local_shape(self.graph.tensors[tid].shape, have))
         for step in redistribution_steps(have, want):
             group = f"self.groups[{self.mesh.axis_names[step.axis]!r}]"
             if step.kind == "all_gather":
@@ -149,7 +149,6 @@ class _Writer:
                 code = f"comm.local_slice({cur}, {step.dim}, {group})"
             block.lines.append((f"{var} = {code}", [var], [cur]))
             cur = var
-        del shape
         self.cache[key] = (var, block)
         return var
 
@@ -262,8 +261,6 @@ def _resolves(name: str, target: Any) -> bool:
 def _main_body(writer: _Writer) -> list[str]:
     """Lines of forward(): region calls and plain statements, with ``del`` after each last use."""
     stmts: list[tuple[str, list[str], list[str]]] = []
-    methods: list[str] = []
-    later_uses: list[set[str]] = []
     # Uses of each block's variables after that block, to know a region's outputs.
     all_blocks = writer.blocks
     uses_after: list[set[str]] = [set() for _ in all_blocks]
@@ -288,11 +285,10 @@ def _main_body(writer: _Writer) -> list[str]:
                 f'        """Ops of {block.region}, recomputed in backward."""']
         body += [f"        {code}" for code, _, _ in block.lines]
         body.append(f"        return ({', '.join(outputs)}{',' if len(outputs) == 1 else ''})")
-        methods.append("\n".join(body))
+        writer.methods.append("\n".join(body))
         target = ", ".join(outputs) + ("," if len(outputs) == 1 else "")
         stmts.append((f"{target} = checkpoint(self.{fname}, {', '.join(inputs)}, use_reentrant=False)",
                       outputs, inputs))
-    del later_uses
     last_use: dict[str, int] = {}
     for k, (_, _, us) in enumerate(stmts):
         for u in us:
@@ -304,7 +300,6 @@ def _main_body(writer: _Writer) -> list[str]:
                 and u not in writer.graph.inputs and not code.startswith("return")]
         if dead:
             lines.append(f"        del {', '.join(dead)}")
-    writer.methods = methods  # type: ignore[attr-defined]
     return lines
 
 
@@ -363,6 +358,6 @@ def generate_rank_code(graph: Graph, resolved: ResolvedPlan, unit_rank: int, hea
         f"    def forward(self, {inputs}):",
         *body,
     ]
-    for m in writer.methods:  # type: ignore[attr-defined]
+    for m in writer.methods:
         lines += ["", m]
     return "\n".join(lines) + "\n"

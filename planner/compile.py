@@ -93,7 +93,7 @@ def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, fin
         for r in range(mesh.size):
             slices = shard_slices(t.shape, placement, mesh.shape, mesh.coords(r))
             shards.setdefault(slices, []).append(r)
-        for slices, ranks in shards.items():
+        for ranks in shards.values():
             assert tuple(ranks) == shard_holders(placement, mesh, ranks[0])
         params.append({
             "name": name, "full_shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),

@@ -344,7 +344,7 @@ def _embedding(call: OpCall) -> str:
 
 
 def _cross_entropy(call: OpCall) -> str:
-    x, target = call.inputs[0], call.inputs[1]
+    x = call.inputs[0]
     reduction = call.arg(6, "reduction", "mean")
     extra = [f"s{i}" for i in range(x.ndim - 2)] if x.ndim > 1 else []
     if x.ndim == 1:

@@ -7,11 +7,10 @@ import re
 
 import pytest
 import torch
-from parallel_harness import mini_llama_config
-
 from dimshard.planner.compile import compile_model
 from dimshard.planner.plan import PARTIAL, REPLICATE, Mesh, Plan, PlanError, Shard, resolve_placements
 from dimshard.planner.redistribute import redistribution_steps
+from parallel_harness import mini_llama_config
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +78,8 @@ def test_mesh_groups_are_row_major():
 
 
 def test_uneven_split_is_a_clear_error():
-    from transformers import LlamaForCausalLM
-
     from dimshard.planner import trace
+    from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(mini_llama_config(num_attention_heads=6, num_key_value_heads=6, hidden_size=48))
     ids = torch.randint(0, 128, (1, 8))

@@ -11,10 +11,9 @@ import copy
 
 import pytest
 import torch
+from dimshard.planner.compile import compile_model
 from dist_utils import run_distributed
 from parallel_harness import assemble, max_diff, mini_llama_config, rank_step, reference_step, save_weights
-
-from dimshard.planner.compile import compile_model
 
 TOL = 1e-5
 

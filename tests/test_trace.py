@@ -9,12 +9,11 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from dimshard.planner import TraceError, register_op, trace
 from dimshard.planner.compile import compile_model
 from dimshard.runtime.distributed import init_parallel
 from dimshard.runtime.module import load_parallel_module, read_plan
+from safetensors.torch import load_file
 
 
 def _small(kind: str) -> torch.nn.Module:
