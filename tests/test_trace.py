@@ -11,9 +11,15 @@ import pytest
 import torch
 from dimshard.planner import TraceError, register_op, trace
 from dimshard.planner.compile import compile_model
-from dimshard.runtime.distributed import init_parallel
+from dimshard.runtime.distributed import destroy_parallel, init_parallel
 from dimshard.runtime.module import load_parallel_module, read_plan
 from safetensors.torch import load_file
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_open():
+    yield
+    destroy_parallel()
 
 
 def _small(kind: str) -> torch.nn.Module:
