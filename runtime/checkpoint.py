@@ -1,0 +1,492 @@
+"""Sharded checkpoints: every rank writes its own shard file; merged files load under any plan.
+
+Layout of one checkpoint, ``<checkpoint_dir>/step_<N>/``:
+
+- ``plan.json``: copy of the compile output's manifest;
+- ``rank<g>.safetensors``: global rank g's tensors: its parameter shards keyed by original name
+  (written by copy 0 only, the other copies hold the same values) and its optimizer pieces
+  (``optimizer.exp_avg.<name>``, ``optimizer.exp_avg_sq.<name>``, ``master.<name>``, see
+  optimizer.py);
+- ``rank<g>.json``: that file's byte size and sha256, which tensors it holds and where they sit in
+  the full tensors, the optimizer metadata and the rank's RNG states;
+- ``trainer_state.json``: step, data position, skipped steps, world layout, run config;
+- ``config.json``: the model's Hugging Face config when the trainer was given one.
+
+A checkpoint becomes visible only when complete: ranks write into ``step_<N>.tmp``, and after a
+barrier rank 0 renames it to ``step_<N>`` and atomically rewrites the ``latest`` pointer file. A
+crash at any point leaves earlier checkpoints untouched. Only safetensors and JSON are read back
+(no pickle).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .optimizer import MASTER_KEY, OPTIMIZER_KEYS
+
+if TYPE_CHECKING:
+    from .distributed import ParallelContext
+    from .module import LocalParameter, ParallelModule
+    from .optimizer import ZeroAdamW
+
+FORMAT_VERSION = 1
+MERGED_FORMAT = "dimshard-merged"
+LATEST_FILE = "latest"
+TRAINER_STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or incompatible; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states as JSON
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and (if initialized) current CUDA RNG states, JSON-able."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore states written by ``capture_rng_state`` (CUDA only when present and available)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# finding checkpoints
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Complete ``step_<N>`` folders of ``checkpoint_dir``, oldest step first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None and (p / TRAINER_STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: _step_of(p))  # type: ignore[arg-type, return-value]
+
+
+def find_latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The step folder named by ``latest`` when it is complete, else the newest complete one, else None."""
+    root = Path(checkpoint_dir)
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / TRAINER_STATE_FILE).is_file():
+            return named
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The complete step folder meant by ``path``: a ``step_<N>`` folder itself, or the newest in a
+    checkpoint_dir. Raises CheckpointError saying what was found instead."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if (path / TRAINER_STATE_FILE).is_file():
+        return path
+    if path.name.endswith(".tmp"):
+        raise CheckpointError(f"{path} is an incomplete checkpoint (a save was interrupted); use a step_<N> folder")
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no complete checkpoint (step_<N> folder with {TRAINER_STATE_FILE}) in {path}")
+    return latest
+
+
+# ----------------------------------------------------------------------------------------------
+# saving
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    checkpoint_dir: str | Path,
+    step: int,
+    *,
+    local_params: Sequence[LocalParameter],
+    optimizer: ZeroAdamW,
+    ctx: ParallelContext,
+    plan: dict,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any] | None = None,
+    keep_last: int = 2,
+    model_config: dict | None = None,
+) -> Path:
+    """Collectively write checkpoint ``step_<step>`` and return its folder; call on every rank.
+
+    ``trainer_state`` (JSON-able, same on every rank) goes to trainer_state.json;
+    ``rank_state`` (JSON-able, per rank, e.g. RNG states) to rank<g>.json. On return the folder
+    is complete on every rank, ``latest`` names it, and only the newest ``keep_last`` complete
+    checkpoints remain. A save of a step that already exists replaces it.
+    """
+    root = Path(checkpoint_dir)
+    final = root / f"step_{step}"
+    staging = root / f"step_{step}.tmp"
+    if ctx.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step_*.tmp"):  # left by an interrupted save
+            shutil.rmtree(stale)
+        staging.mkdir()
+    _barrier()
+
+    tensors: dict[str, torch.Tensor] = {}
+    parameters = []
+    if ctx.copy_index == 0:
+        for lp in local_params:
+            tensors[lp.name] = lp.param.detach()
+            parameters.append({"name": lp.name, "slices": [list(s) for s in lp.slices],
+                               "full_shape": list(lp.full_shape)})
+    optimizer_tensors, optimizer_meta = optimizer.state_dict()
+    tensors.update(optimizer_tensors)
+    shard_file = staging / f"rank{ctx.rank}.safetensors"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(shard_file),
+              metadata={"format": "dimshard-shard", "rank": str(ctx.rank), "step": str(step)})
+    _fsync_path(shard_file)
+    _write_json(staging / f"rank{ctx.rank}.json", {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "rank": ctx.rank,
+        "unit_rank": ctx.unit_rank,
+        "copy_index": ctx.copy_index,
+        "world_size": ctx.world_size,
+        "plan_ngpus": ctx.plan_ngpus,
+        "plan_fingerprint": plan.get("fingerprint"),
+        "file": {"name": shard_file.name, "bytes": shard_file.stat().st_size, "sha256": _sha256(shard_file)},
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                    for k, v in tensors.items()},
+        "parameters": parameters,
+        "optimizer": optimizer_meta,
+        "rank_state": rank_state or {},
+    })
+    if ctx.rank == 0:
+        _write_json(staging / "plan.json", plan)
+        if model_config is not None:
+            _write_json(staging / "config.json", model_config)
+        # Written last by rank 0: its presence marks a folder as a checkpoint.
+        _write_json(staging / TRAINER_STATE_FILE, {
+            "format_version": FORMAT_VERSION, "step": step, "world_size": ctx.world_size,
+            "plan_ngpus": ctx.plan_ngpus, "dp_size": ctx.dp_size, "plan_fingerprint": plan.get("fingerprint"),
+            **trainer_state,
+        })
+    _barrier()
+    if ctx.rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        pointer = root / f"{LATEST_FILE}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST_FILE)
+        for old in complete_checkpoints(root)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# loading (same plan and world size)
+
+
+def verify_shard(step_dir: Path, rank: int, check_sha256: bool = True) -> dict:
+    """Read ``rank<rank>.json`` and check that ``rank<rank>.safetensors`` is whole; return the json.
+
+    Raises CheckpointError naming the file when it is missing, truncated or altered.
+    """
+    meta_file = step_dir / f"rank{rank}.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{meta_file} is missing: checkpoint {step_dir} is incomplete; resume from another "
+                              f"step_<N> folder in {step_dir.parent}")
+    meta = json.loads(meta_file.read_text())
+    shard_file = step_dir / meta["file"]["name"]
+    advice = (f"the checkpoint {step_dir} cannot be used: resume from an earlier step_<N> folder in "
+              f"{step_dir.parent} (pass it to --resume_path), or restore the file from a copy")
+    if not shard_file.is_file():
+        raise CheckpointError(f"checkpoint shard {shard_file} is missing; {advice}")
+    size = shard_file.stat().st_size
+    if size != meta["file"]["bytes"]:
+        raise CheckpointError(f"checkpoint shard {shard_file} is truncated or corrupt: it has {size} bytes, "
+                              f"{meta['file']['bytes']} were written; {advice}")
+    if check_sha256 and _sha256(shard_file) != meta["file"]["sha256"]:
+        raise CheckpointError(f"checkpoint shard {shard_file} is corrupt: its sha256 differs from the one "
+                              f"recorded when it was written; {advice}")
+    return meta
+
+
+def _verify_everywhere(step_dir: Path, ranks: Sequence[int], ctx: ParallelContext) -> dict[int, dict]:
+    # Every rank must fail together: a rank raising alone would leave the others blocked in the
+    # next collective.
+    metas, error = {}, ""
+    try:
+        for rank in ranks:
+            metas[rank] = verify_shard(step_dir, rank)
+    except CheckpointError as failure:
+        error = str(failure)
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [""] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    found = [e for e in errors if e]
+    if found:
+        raise CheckpointError(found[0] if error == "" else error)
+    return metas
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    local_params: Sequence[LocalParameter],
+    optimizer: ZeroAdamW,
+    ctx: ParallelContext,
+    plan: dict,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a sharded checkpoint written under the same plan and world size; call on every rank.
+
+    Fills the local parameter shards and the optimizer state, and returns
+    ``(trainer_state, rank_state)`` as saved. Raises CheckpointError when the checkpoint is
+    incomplete, a shard is truncated or corrupt, or the plan / world size differ (then the
+    message says to merge it with tools/ckpt_merger.py and resume from the merged file).
+    """
+    step_dir = resolve_checkpoint(path)
+    trainer_state = json.loads((step_dir / TRAINER_STATE_FILE).read_text())
+    saved_plan_fingerprint = trainer_state.get("plan_fingerprint")
+    if (trainer_state["world_size"] != ctx.world_size or trainer_state["plan_ngpus"] != ctx.plan_ngpus
+            or saved_plan_fingerprint != plan.get("fingerprint")):
+        raise CheckpointError(
+            f"checkpoint {step_dir} was written by {trainer_state['world_size']} processes with plan_ngpus "
+            f"{trainer_state['plan_ngpus']} and plan {saved_plan_fingerprint}; this run has {ctx.world_size} "
+            f"processes, plan_ngpus {ctx.plan_ngpus} and plan {plan.get('fingerprint')}. A sharded checkpoint "
+            f"loads only under the same layout: merge it with `python tools/ckpt_merger.py --ckpt_dir {step_dir} "
+            f"--output_fname merged.safetensors` and pass --resume_path merged.safetensors"
+        )
+    # Parameters come from copy 0's file of this unit rank (global rank == unit rank).
+    metas = _verify_everywhere(step_dir, sorted({ctx.rank, ctx.unit_rank}), ctx)
+    with torch.no_grad():
+        param_file = step_dir / metas[ctx.unit_rank]["file"]["name"]
+        with safe_open(str(param_file), framework="pt", device="cpu") as f:
+            stored = set(f.keys())
+            for lp in local_params:
+                if lp.name not in stored:
+                    raise CheckpointError(f"{param_file} holds no tensor {lp.name}; the checkpoint does not match "
+                                          "this compile output")
+                value = f.get_tensor(lp.name)
+                if tuple(value.shape) != tuple(lp.param.shape):
+                    raise CheckpointError(f"{param_file}: {lp.name} has shape {list(value.shape)}, this rank's shard "
+                                          f"is {list(lp.param.shape)}; the checkpoint does not match this plan")
+                lp.param.copy_(value)
+        own = metas[ctx.rank]
+        own_file = step_dir / own["file"]["name"]
+        with safe_open(str(own_file), framework="pt", device="cpu") as f:
+            wanted = [k for k in f.keys() if k.startswith(OPTIMIZER_KEYS) or k.startswith(MASTER_KEY + ".")]
+            tensors = {k: f.get_tensor(k) for k in wanted}
+        try:
+            optimizer.load_state_dict(tensors, own["optimizer"])
+        except ValueError as error:
+            raise CheckpointError(f"{own_file}: {error}") from None
+    return trainer_state, own.get("rank_state", {})
+
+
+# ----------------------------------------------------------------------------------------------
+# merging, and loading a merged file under any plan
+
+
+def merge_checkpoint(
+    path: str | Path, *, include_optimizer: bool = True, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Assemble the full tensors of a sharded checkpoint; return ``(tensors, metadata)``.
+
+    ``tensors``: every parameter under its original name (in the dtype it was trained in) and,
+    with ``include_optimizer``, ``optimizer.exp_avg.<name>``, ``optimizer.exp_avg_sq.<name>`` and
+    ``master.<name>`` (fp32; masters exist only when parameters were not fp32). ``metadata``:
+    JSON-able ``{"format", "format_version", "step", "trainer_state", "optimizer", "plan"}``.
+    ``path`` is a step folder or a checkpoint_dir (its newest complete step). Every shard is
+    verified first; raises CheckpointError when one is corrupt or a tensor is not fully covered.
+    """
+    step_dir = resolve_checkpoint(path)
+    trainer_state = json.loads((step_dir / TRAINER_STATE_FILE).read_text())
+    plan = json.loads((step_dir / "plan.json").read_text())
+    world_size, plan_ngpus = trainer_state["world_size"], trainer_state["plan_ngpus"]
+    ranks = range(world_size) if include_optimizer else range(plan_ngpus)
+    metas = {rank: verify_shard(step_dir, rank) for rank in tqdm(ranks, desc="verify shards", disable=not progress)}
+
+    tensors: dict[str, torch.Tensor] = {}
+    covered: dict[str, set[tuple]] = {}
+    for rank in tqdm(range(plan_ngpus), desc="merge parameters", disable=not progress):
+        with safe_open(str(step_dir / metas[rank]["file"]["name"]), framework="pt", device="cpu") as f:
+            for entry in metas[rank]["parameters"]:
+                name, slices = entry["name"], tuple(tuple(s) for s in entry["slices"])
+                if slices in covered.setdefault(name, set()):
+                    continue
+                value = f.get_tensor(name)
+                if name not in tensors:
+                    tensors[name] = torch.zeros(entry["full_shape"], dtype=value.dtype)
+                tensors[name][tuple(slice(a, b) for a, b in slices)] = value
+                covered[name].add(slices)
+    for parameter in plan["parameters"]:
+        expected = {tuple(tuple(s) for s in shard["slices"]) for shard in parameter["shards"]}
+        if covered.get(parameter["name"], set()) != expected:
+            raise CheckpointError(f"{step_dir}: the shards of {parameter['name']} in rank*.safetensors do not cover "
+                                  "the plan's shards; the checkpoint is incomplete")
+
+    optimizer_meta = dict(metas[0]["optimizer"])
+    optimizer_meta.pop("pieces")
+    if include_optimizer:
+        _merge_optimizer(step_dir, metas, plan, tensors, progress)
+    metadata = {"format": MERGED_FORMAT, "format_version": FORMAT_VERSION, "step": trainer_state["step"],
+                "trainer_state": trainer_state, "optimizer": optimizer_meta, "plan": plan}
+    return tensors, metadata
+
+
+def _merge_optimizer(step_dir: Path, metas: dict[int, dict], plan: dict, tensors: dict[str, torch.Tensor],
+                     progress: bool) -> None:
+    # Each shard's pieces are taken from the holder with the lowest unit rank: its dp copies own
+    # disjoint ranges that tile the flattened shard (other holders store the same values).
+    plan_ngpus = metas[0]["plan_ngpus"]
+    first_holder = {(p["name"], tuple(tuple(s) for s in shard["slices"])): min(shard["unit_ranks"])
+                    for p in plan["parameters"] for shard in p["shards"]}
+    shards: dict[tuple[str, str, tuple], torch.Tensor] = {}
+    ranges: dict[tuple[str, str, tuple], list[tuple[int, int]]] = {}
+    for rank in tqdm(sorted(metas), desc="merge optimizer", disable=not progress):
+        meta = metas[rank]
+        keys = OPTIMIZER_KEYS + ((MASTER_KEY,) if meta["optimizer"]["keep_master"] else ())
+        with safe_open(str(step_dir / meta["file"]["name"]), framework="pt", device="cpu") as f:
+            for piece in meta["optimizer"]["pieces"]:
+                slices = tuple(tuple(s) for s in piece["slices"])
+                if first_holder.get((piece["name"], slices)) != rank % plan_ngpus:
+                    continue
+                lo, hi = piece["flat_range"]
+                for key in keys:
+                    index = (key, piece["name"], slices)
+                    if index not in shards:
+                        shards[index] = torch.zeros(piece["shape"], dtype=torch.float32)
+                    shards[index].view(-1)[lo:hi] = f.get_tensor(f"{key}.{piece['name']}")
+                    ranges.setdefault(index, []).append((lo, hi))
+    for (key, name, slices), shard in shards.items():
+        spans = sorted(ranges[(key, name, slices)])
+        position = 0
+        for lo, hi in spans:
+            if lo != position:
+                break
+            position = hi
+        if position != shard.numel():
+            raise CheckpointError(f"{step_dir}: the optimizer pieces of {key}.{name} at {list(slices)} do not cover "
+                                  "the shard; a rank file is missing from the checkpoint")
+        full_name = f"{key}.{name}"
+        if full_name not in tensors:
+            tensors[full_name] = torch.zeros(tensors[name].shape, dtype=torch.float32)
+        tensors[full_name][tuple(slice(a, b) for a, b in slices)] = shard
+
+
+def save_merged(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write a merged checkpoint: one safetensors file, metadata as JSON under the key ``dimshard``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging),
+              metadata={"format": MERGED_FORMAT, "dimshard": json.dumps(metadata)})
+    os.replace(staging, path)
+
+
+def read_merged_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a merged file ({} for a plain safetensors state dict)."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = (f.metadata() or {}).get("dimshard")
+    return json.loads(raw) if raw else {}
+
+
+def load_merged_checkpoint(
+    path: str | Path, module: ParallelModule, optimizer: ZeroAdamW | None = None
+) -> dict[str, Any]:
+    """Load a merged file (or any safetensors state dict keyed by original names) under any plan.
+
+    Slices every full tensor to this rank's shards: parameters into ``module.local_parameters()``
+    and, when ``optimizer`` is given, AdamW moments and fp32 masters into its owned pieces
+    (missing optimizer tensors start fresh, with a warning). Reads only the needed slices from
+    disk. Returns the saved trainer state (``{}`` for a plain state dict). Raises CheckpointError
+    naming the tensor when a parameter is missing or its full shape differs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"merged checkpoint {path} does not exist")
+    metadata = read_merged_metadata(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
+        stored = set(f.keys())
+
+        def read(key: str, slices: Sequence[Sequence[int]], full_shape: Sequence[int] | None = None):
+            if key not in stored:
+                return None
+            view = f.get_slice(key)
+            if full_shape is not None and list(view.get_shape()) != list(full_shape):
+                raise CheckpointError(f"{path}: {key} has shape {view.get_shape()}, the plan expects "
+                                      f"{list(full_shape)}; the file is for another model")
+            return view[tuple(slice(a, b) for a, b in slices)]
+
+        for lp in module.local_parameters():
+            value = read(lp.name, lp.slices, lp.full_shape)
+            if value is None:
+                raise CheckpointError(f"{path} holds no parameter {lp.name}; is it a checkpoint of this model?")
+            lp.param.copy_(value)
+        if optimizer is not None:
+            saved = metadata.get("optimizer", {})
+            optimizer.load_full_state(read, int(saved.get("step_count", 0)), int(saved.get("skipped_steps", 0)))
+    return metadata.get("trainer_state", {})

@@ -1,0 +1,129 @@
+"""Training metrics: MFU arithmetic, peak memory, and the per-logging-step record sinks.
+
+Each logging step produces one record ``{step, loss, grad_norm, lr, tokens_per_s, mfu,
+peak_mem_gb, skipped_steps}`` that is appended to ``<dump_dir>/metrics.jsonl``, shown on the
+progress bar (or printed as a line when stderr is not a terminal), and optionally written to
+TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+
+def flops_per_sequence(model_stats: dict[str, Any], sequence_length: int | None = None) -> float:
+    """Training FLOPs of one sequence: ``3 * 2 * (N*S + 2*L*H*S^2)`` (DESIGN.md, "Measuring").
+
+    ``model_stats`` is plan.json's: ``num_params`` N, ``num_layers`` L, ``hidden_size`` H and
+    ``seq_len`` S (overridden by ``sequence_length``). Forward is the bracket times 2, and
+    forward plus backward three times that.
+    """
+    n, layers, hidden = model_stats["num_params"], model_stats["num_layers"], model_stats["hidden_size"]
+    s = sequence_length or model_stats["seq_len"]
+    return 3 * 2 * (n * s + 2 * layers * hidden * s * s)
+
+
+def model_flops_utilization(
+    sequences_per_s: float, model_stats: dict[str, Any], world_size: int, peak_tflops: float | None,
+    sequence_length: int | None = None,
+) -> float | None:
+    """MFU as a fraction: achieved model FLOP/s over ``world_size * peak_tflops * 1e12``; None without a peak."""
+    if peak_tflops is None or peak_tflops <= 0:
+        return None
+    return flops_per_sequence(model_stats, sequence_length) * sequences_per_s / (world_size * peak_tflops * 1e12)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process in GiB: CUDA max allocated on GPU, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """Writes metric records on the logging rank; every method is a no-op elsewhere.
+
+    ``total_steps``/``initial_step`` size the progress bar; ``tensorboard`` writes events to
+    ``<dump_dir>/tb`` when the tensorboard package is installed (a warning otherwise).
+    """
+
+    def __init__(
+        self,
+        dump_dir: str | Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int = 0,
+        tensorboard: bool = False,
+        run_name: str = "dimshard",
+    ) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._bar = None
+        self._tensorboard = None
+        self._interactive = sys.stderr.isatty()
+        if not enabled:
+            return
+        dump = Path(dump_dir)
+        dump.mkdir(parents=True, exist_ok=True)
+        self.path = dump / "metrics.jsonl"
+        self._file = open(self.path, "a")
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc=run_name, unit="step",
+                         disable=not self._interactive, dynamic_ncols=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("--tensorboard needs the tensorboard package (pip install tensorboard); "
+                              "metrics go to metrics.jsonl only", stacklevel=2)
+            else:
+                self._tensorboard = SummaryWriter(log_dir=str(dump / "tb"))
+
+    def advance(self, steps: int = 1) -> None:
+        """Move the progress bar by ``steps`` optimizer steps."""
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (JSON-able, with an int ``step``) to metrics.jsonl and show it."""
+        if not self.enabled:
+            return
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        shown = {k: _short(v) for k, v in record.items() if k != "step" and v is not None}
+        if self._interactive and self._bar is not None:
+            self._bar.set_postfix(shown, refresh=True)
+        else:
+            print(f"step {record['step']} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the sinks."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _short(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value

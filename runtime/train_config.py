@@ -1,0 +1,147 @@
+"""Training configuration: one dataclass field per command-line flag.
+
+Each field carries ``metadata={"help": ...}`` (and ``"choices"`` where the value is an enum), from
+which the shared CLI helper generates ``--<field>`` flags. Fields typed ``X | None`` accept
+``None`` (the flag left out) with the meaning given in their help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .lr_schedule import SCHEDULES
+
+# Dense bf16 peak of one GPU, TFLOP/s (DESIGN.md, "Measuring").
+_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def _help(text: str, choices: tuple[str, ...] | None = None) -> dict:
+    return {"help": text} if choices is None else {"help": text, "choices": choices}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run is configured by; see each field's ``help``."""
+
+    name: str = field(default="dimshard", metadata=_help("run name, used in log lines and TensorBoard"))
+    run_mode: str = field(
+        default="run",
+        metadata=_help("compile: only write the compile output; run: compile if needed, then train",
+                       ("compile", "run")),
+    )
+    model_id: str = field(default="", metadata=_help("local model directory (or hub id) to train"))
+    dataset_path: str = field(
+        default="", metadata=_help("dataset folder written by datasets.save_to_disk with an input_ids column")
+    )
+    plan_ngpus: int = field(default=1, metadata=_help("GPUs in one partitioned copy of the model (scale unit)"))
+    runtime_ngpus: int = field(
+        default=1, metadata=_help("total GPUs (world size); a multiple of plan_ngpus, the copies are data parallel")
+    )
+    policy: str = field(default="tp", metadata=_help("partition policy name (dp, tp, tp_sp, auto, or a user policy)"))
+    resume_path: str | None = field(
+        default=None,
+        metadata=_help("resume from a sharded checkpoint folder (checkpoint_dir or one step_<N>), a merged "
+                       "checkpoint file, or 'auto' for the latest checkpoint in checkpoint_dir if any"),
+    )
+    micro_batch_size: int = field(default=1, metadata=_help("sequences per micro-batch per model copy"))
+    grad_accumulation_steps: int = field(default=1, metadata=_help("micro-batches accumulated per optimizer step"))
+    max_steps: int = field(default=100, metadata=_help("optimizer steps to train for (total, including resumed ones)"))
+    lr: float = field(default=1e-5, metadata=_help("peak learning rate"))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("final learning rate as a fraction of lr"))
+    warmup_steps: int = field(default=0, metadata=_help("linear warmup steps"))
+    lr_schedule: str = field(default="cosine", metadata=_help("learning-rate decay after warmup", SCHEDULES))
+    wsd_decay_ratio: float = field(
+        default=0.1, metadata=_help("wsd schedule: fraction of post-warmup steps spent decaying")
+    )
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay (never applied to 1-D parameters)"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    adam_beta2: float = field(default=0.95, metadata=_help("AdamW beta2"))
+    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    clip_grad_norm: float = field(default=1.0, metadata=_help("clip the global gradient norm to this; <= 0 disables"))
+    seed: int = field(default=0, metadata=_help("seed for data order and torch RNGs"))
+    dtype: str = field(
+        default="auto",
+        metadata=_help("parameter/compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)",
+                       ("auto", "bf16", "fp32")),
+    )
+    checkpoint_dir: str = field(default="./checkpoints", metadata=_help("where sharded checkpoints are written ('' disables checkpointing)"))
+    checkpoint_interval: int = field(
+        default=0, metadata=_help("save every this many steps (0: only at the end); always saves at the end")
+    )
+    keep_last_checkpoints: int = field(default=2, metadata=_help("complete checkpoints kept; older ones deleted"))
+    log_interval: int = field(default=1, metadata=_help("log metrics every this many steps"))
+    dump_dir: str = field(default="./dump", metadata=_help("folder for metrics.jsonl and TensorBoard events"))
+    tensorboard: bool = field(default=False, metadata=_help("also write TensorBoard events to dump_dir/tb"))
+    sequence_length: int | None = field(
+        default=None, metadata=_help("tokens per sequence; default: the dataset's sequence length")
+    )
+    compile_dir: str = field(
+        default="./compile_output", metadata=_help("folder holding plan.json and gencode/ from the compile stage")
+    )
+    memory_budget_gb: float | None = field(
+        default=None, metadata=_help("per-GPU memory budget for the auto policy; default: the GPU's memory")
+    )
+    recompute: str = field(
+        default="auto", metadata=_help("activation recompute: auto (planner decides), none, or layer",
+                                       ("auto", "none", "layer"))
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata=_help("per-GPU dense peak TFLOP/s for MFU; default: 989 on H100/H200, none on CPU "
+                       "(MFU reported as null); <= 0 disables MFU"),
+    )
+    zero: bool = field(default=True, metadata=_help("shard optimizer state across data-parallel copies (ZeRO-1)"))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag when a value is out of range or inconsistent."""
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(self.plan_ngpus >= 1, f"--plan_ngpus must be >= 1, got {self.plan_ngpus}")
+        check(self.runtime_ngpus % self.plan_ngpus == 0 and self.runtime_ngpus >= self.plan_ngpus,
+              f"--runtime_ngpus ({self.runtime_ngpus}) must be a positive multiple of --plan_ngpus "
+              f"({self.plan_ngpus})")
+        check(self.micro_batch_size >= 1, "--micro_batch_size must be >= 1")
+        check(self.grad_accumulation_steps >= 1, "--grad_accumulation_steps must be >= 1")
+        check(self.max_steps >= 1, "--max_steps must be >= 1")
+        check(self.warmup_steps >= 0, "--warmup_steps must be >= 0")
+        check(self.lr_schedule in SCHEDULES, f"--lr_schedule must be one of {SCHEDULES}")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "--min_lr_ratio must lie in [0, 1]")
+        check(0.0 <= self.wsd_decay_ratio <= 1.0, "--wsd_decay_ratio must lie in [0, 1]")
+        check(self.dtype in ("auto", "bf16", "fp32"), "--dtype must be auto, bf16 or fp32")
+        check(self.run_mode in ("compile", "run"), "--run_mode must be compile or run")
+        check(self.recompute in ("auto", "none", "layer"), "--recompute must be auto, none or layer")
+        check(self.log_interval >= 1, "--log_interval must be >= 1")
+        check(self.checkpoint_interval >= 0, "--checkpoint_interval must be >= 0")
+        check(self.keep_last_checkpoints >= 1, "--keep_last_checkpoints must be >= 1")
+        check(self.sequence_length is None or self.sequence_length >= 1, "--sequence_length must be >= 1")
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all data-parallel copies."""
+        return self.micro_batch_size * self.grad_accumulation_steps * (self.runtime_ngpus // self.plan_ngpus)
+
+
+def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """The parameter dtype ``config.dtype`` means on ``device`` (auto: bf16 on CUDA, fp32 otherwise)."""
+    if config.dtype == "bf16":
+        return torch.bfloat16
+    if config.dtype == "fp32":
+        return torch.float32
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_peak_tflops(config: TrainConfig, device: torch.device) -> float | None:
+    """Per-GPU peak TFLOP/s used for MFU, or None when unknown (CPU, unlisted GPU) or disabled (<= 0)."""
+    if config.peak_tflops is not None:
+        return config.peak_tflops if config.peak_tflops > 0 else None
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops
+    return None

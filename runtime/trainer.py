@@ -1,0 +1,230 @@
+"""The training loop: micro-batches, gradient reduction, clipping, AdamW, logging, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import (
+    capture_rng_state,
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_merged_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .data import MicroBatchStream
+from .grad_reducer import GradReducer
+from .lr_schedule import lr_at
+from .metrics import MetricsLogger, model_flops_utilization, peak_memory_gb
+from .optimizer import ZeroAdamW
+from .train_config import TrainConfig, resolve_dtype, resolve_peak_tflops
+
+if TYPE_CHECKING:
+    from .distributed import ParallelContext
+    from .module import ParallelModule
+
+
+@dataclass
+class TrainResult:
+    """What a call to ``train`` did."""
+
+    start_step: int  # optimizer steps already done when this call began (resumed runs)
+    final_step: int  # optimizer steps done when it returned
+    skipped_steps: int  # steps skipped for a non-finite gradient norm, over the whole run
+    records: list[dict[str, Any]] = field(default_factory=list)  # the logged metric records, in order
+    last_checkpoint: Path | None = None
+
+
+def _compiled_batch_shape(plan: dict) -> tuple[int, int] | None:
+    for entry in plan.get("inputs", []):
+        if entry.get("name") == "input_ids":
+            return int(entry["shape"][0]), int(entry["shape"][1])
+    return None
+
+
+def _check_layout(config: TrainConfig, ctx: ParallelContext, plan: dict) -> int | None:
+    """Check the run matches the compile output; return the compiled sequence length."""
+    if ctx.world_size != config.runtime_ngpus or ctx.plan_ngpus != config.plan_ngpus:
+        raise ValueError(
+            f"this job runs {ctx.world_size} processes with plan_ngpus {ctx.plan_ngpus}, but the config says "
+            f"--runtime_ngpus {config.runtime_ngpus} --plan_ngpus {config.plan_ngpus}: launch torchrun with "
+            f"--nproc_per_node {config.runtime_ngpus} (times nodes) or change the flags"
+        )
+    shape = _compiled_batch_shape(plan)
+    if shape is None:
+        return config.sequence_length
+    batch, length = shape
+    if batch != config.micro_batch_size:
+        raise ValueError(f"the compile output was made for micro-batches of {batch} sequences, the config asks for "
+                         f"--micro_batch_size {config.micro_batch_size}; recompile or change the flag")
+    if config.sequence_length is not None and config.sequence_length != length:
+        raise ValueError(f"the compile output was made for sequences of {length} tokens, the config asks for "
+                         f"--sequence_length {config.sequence_length}; recompile or change the flag")
+    return length
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    # Every rank of a copy holds the same loss, so the world mean is the mean over copies.
+    value = value.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return float(value.item())
+
+
+def _global_max(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def train(
+    config: TrainConfig,
+    module: ParallelModule,
+    ctx: ParallelContext,
+    dataset: Any,
+    plan: dict,
+    *,
+    model_config: dict | None = None,
+) -> TrainResult:
+    """Train ``module`` (this rank's generated module, parameters loaded) until ``config.max_steps``.
+
+    Per optimizer step: ``grad_accumulation_steps`` micro-batches of this copy, each loss
+    divided by that count before backward (so the step's loss is their mean); gradients reduced
+    over holders and averaged over copies; global-norm clipping; AdamW with the scheduled lr
+    (non-finite norm: the step is skipped and counted). Every ``log_interval`` steps a record
+    with the global mean loss over the steps since the last record is logged; a checkpoint is
+    written every ``checkpoint_interval`` steps and at the end (none when checkpoint_dir is '').
+    ``config.resume_path`` resumes from a sharded checkpoint (same plan and world size; bit-exact
+    continuation) or a merged file (any plan). An exception leaves earlier checkpoints intact.
+    Call on every rank; returns the same TrainResult values on every rank.
+    """
+    config.validate()
+    sequence_length = _check_layout(config, ctx, plan)
+    local_params = module.local_parameters()
+    optimizer = ZeroAdamW(
+        local_params, ctx,
+        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay,
+        zero=config.zero, param_dtype=resolve_dtype(config, ctx.device),
+    )
+    reducer = GradReducer(local_params, ctx)
+    stream = MicroBatchStream(
+        dataset, micro_batch_size=config.micro_batch_size, dp_size=ctx.dp_size, copy_index=ctx.copy_index,
+        seed=config.seed, device=ctx.device, sequence_length=sequence_length,
+    )
+    torch.manual_seed(config.seed)
+    start_step = _resume(config, module, optimizer, stream, ctx, plan)
+
+    peak_tflops = resolve_peak_tflops(config, ctx.device)
+    sequence_length = sequence_length or plan.get("model_stats", {}).get("seq_len")
+    sequences_per_step = config.global_batch_size
+    logger = MetricsLogger(config.dump_dir, enabled=ctx.rank == 0, total_steps=config.max_steps,
+                           initial_step=start_step, tensorboard=config.tensorboard, run_name=config.name)
+    result = TrainResult(start_step=start_step, final_step=start_step, skipped_steps=optimizer.skipped_steps)
+    schedule = {"lr": config.lr, "max_steps": config.max_steps, "warmup_steps": config.warmup_steps,
+                "schedule": config.lr_schedule, "min_lr_ratio": config.min_lr_ratio,
+                "wsd_decay_ratio": config.wsd_decay_ratio}
+    accumulation = config.grad_accumulation_steps
+    try:
+        module.train()
+        interval_loss = torch.zeros((), dtype=torch.float32, device=ctx.device)
+        interval_steps = 0
+        interval_start = time.perf_counter()
+        for step in range(start_step, config.max_steps):
+            lr = lr_at(step, **schedule)
+            for micro_step in range(accumulation):
+                batch = next(stream)
+                last = micro_step == accumulation - 1
+                with contextlib.nullcontext() if last else reducer.no_sync():
+                    loss = module(input_ids=batch["input_ids"], labels=batch["labels"])
+                    (loss / accumulation).backward()
+                interval_loss += loss.detach().float() / accumulation
+            outcome = optimizer.step(reducer.finish(), lr, config.clip_grad_norm)
+            reducer.zero_grad()
+            interval_steps += 1
+            completed = step + 1
+            result.final_step = completed
+            result.skipped_steps = optimizer.skipped_steps
+            logger.advance()
+
+            if completed % config.log_interval == 0 or completed == config.max_steps:
+                loss_value = _global_mean(interval_loss) / interval_steps
+                # The slowest rank sets the pace; the max also makes every rank log the same record.
+                elapsed, peak_mem_gb = _global_max(
+                    [time.perf_counter() - interval_start, peak_memory_gb(ctx.device)], ctx.device)
+                sequences_per_s = interval_steps * sequences_per_step / elapsed
+                record = {
+                    "step": completed,
+                    "loss": loss_value,
+                    "grad_norm": outcome.grad_norm,
+                    "lr": lr,
+                    "tokens_per_s": sequences_per_s * sequence_length if sequence_length else None,
+                    "mfu": (model_flops_utilization(sequences_per_s, plan["model_stats"], ctx.world_size,
+                                                    peak_tflops, sequence_length)
+                            if "model_stats" in plan else None),
+                    "peak_mem_gb": peak_mem_gb,
+                    "skipped_steps": optimizer.skipped_steps,
+                }
+                logger.log(record)
+                result.records.append(record)
+                interval_loss.zero_()
+                interval_steps = 0
+                interval_start = time.perf_counter()
+
+            interval_hit = config.checkpoint_interval > 0 and completed % config.checkpoint_interval == 0
+            if config.checkpoint_dir and (interval_hit or completed == config.max_steps):
+                result.last_checkpoint = save_checkpoint(
+                    config.checkpoint_dir, completed, local_params=local_params, optimizer=optimizer, ctx=ctx,
+                    plan=plan, keep_last=config.keep_last_checkpoints, model_config=model_config,
+                    trainer_state={"sampler": stream.state_dict(), "skipped_steps": optimizer.skipped_steps,
+                                   "consumed_samples": completed * sequences_per_step, "lr": lr,
+                                   "config": asdict(config)},
+                    rank_state={"rng": capture_rng_state()},
+                )
+                # Saving is not training time.
+                interval_start = time.perf_counter()
+    finally:
+        logger.close()
+        reducer.close()
+    return result
+
+
+def _resume(
+    config: TrainConfig,
+    module: ParallelModule,
+    optimizer: ZeroAdamW,
+    stream: MicroBatchStream,
+    ctx: ParallelContext,
+    plan: dict,
+) -> int:
+    """Load ``config.resume_path`` if set; return the number of optimizer steps already done."""
+    path = config.resume_path
+    if path == "auto":
+        latest = find_latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
+        if latest is None:
+            return 0
+        path = str(latest)
+    if not path:
+        return 0
+    if Path(path).is_file():
+        state = load_merged_checkpoint(path, module, optimizer)
+        step = int(state.get("step", 0))
+        if "sampler" in state:
+            stream.load_state_dict(state["sampler"])
+        # Per-rank RNG streams do not carry over to another layout; reseed deterministically.
+        torch.manual_seed(config.seed + step)
+        return step
+    state, rank_state = load_checkpoint(path, local_params=module.local_parameters(), optimizer=optimizer,
+                                        ctx=ctx, plan=plan)
+    stream.load_state_dict(state["sampler"])
+    if "rng" in rank_state:
+        restore_rng_state(rank_state["rng"])
+    return int(state["step"])
