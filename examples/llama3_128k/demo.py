@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ class DemoArgs:
     """Flags of the demo."""
 
     output_dir: str = field(default=str(HERE / "demo_output"), metadata={"help": "folder for every artefact"})
-    steps: int = field(default=40, metadata={"help": "optimizer steps to train"})
+    steps: int = field(default=60, metadata={"help": "optimizer steps to train"})
     sequence_length: int = field(default=256, metadata={"help": "tokens per training sequence"})
     policy: str = field(default="tp", metadata={"help": "partition policy for the 2-rank scale unit"})
     nproc: int = field(default=2, metadata={"help": "processes (CPU ranks) to train on"})
@@ -51,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run every stage; print the training losses and where the outputs are."""
     args = parse_dataclass_args(DemoArgs, argv)
     out = Path(args.output_dir).resolve()
+    for stale in ("compile", "checkpoints", "dump", "hf_model", "merged.safetensors"):
+        # A fresh story each time: an earlier run's checkpoints and metrics would mix into this one.
+        path = out / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
               "--runtime_ngpus", str(args.nproc), "--policy", args.policy, "--compile_dir", str(out / "compile"),
               "--checkpoint_dir", str(out / "checkpoints"), "--dump_dir", str(out / "dump"),
               "--max_steps", str(args.steps), "--lr", "3e-3", "--warmup_steps", "4", "--micro_batch_size", "2",
-              "--checkpoint_interval", str(max(args.steps // 2, 1)), "--log_interval", "2", "--dtype", "fp32",
+              "--checkpoint_interval", str(max(args.steps // 2, 1)), "--log_interval", "5", "--dtype", "fp32",
               "--loss_chunk_size", "128"]
     _run([py, str(HERE / "train.py"), "--run_mode", "compile", *common], env)
     _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),

@@ -1,0 +1,155 @@
+"""End to end through examples/llama3_128k/train.py under torchrun (gloo, CPU).
+
+The same global batch trained under different layouts logs the same losses; a stopped run
+resumes exactly; a merged checkpoint resumes under another plan and exports to Hugging Face;
+bad inputs fail before training with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "llama3_128k"
+SEQ = 64
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def _python(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=_env(),
+                         timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tokenizer, a packed dataset and a 2-layer mini Llama, built offline."""
+    work = tmp_path_factory.mktemp("e2e")
+    _python(str(EXAMPLE / "demo_data.py"), "--output_dir", str(work / "corpus"), "--max_chars", "200000",
+            "--vocab_size", "512")
+    _python(str(EXAMPLE / "bookcorpus.py"), "--data_path_or_name", str(work / "corpus" / "corpus.jsonl"),
+            "--tokenizer_path_or_name", str(work / "corpus" / "tokenizer"), "--save_path", str(work / "data"),
+            "--sequence_length", str(SEQ))
+    _python(str(EXAMPLE / "create_mini_model.py"), "--model_id", str(EXAMPLE / "configs" / "llama3_8b.json"),
+            "--output_id", str(work / "model"), "--num_hidden_layers", "2", "--hidden_size", "64",
+            "--intermediate_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
+            "--vocab_size", "512", "--tokenizer_path", str(work / "corpus" / "tokenizer"))
+    return work
+
+
+def _train(work: Path, tag: str, nproc: int, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    args = ["--model_id", str(work / "model"), "--dataset_path", str(work / "data"),
+            "--compile_dir", str(work / tag / "compile"), "--checkpoint_dir", str(work / tag / "ckpt"),
+            "--dump_dir", str(work / tag / "dump"), "--lr", "2e-3", "--lr_schedule", "constant",
+            "--log_interval", "1", "--dtype", "fp32", "--loss_chunk_size", "48", *flags]
+    if nproc == 1:
+        return _python(str(EXAMPLE / "train.py"), *args, check=check)
+    return _python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   str(EXAMPLE / "train.py"), *args, check=check)
+
+
+def _losses(work: Path, tag: str) -> list[float]:
+    lines = (work / tag / "dump" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if line]
+
+
+LAYOUTS = {
+    # tag: (processes, flags) — all with a global batch of 4 sequences per step
+    "single": (1, ["--plan_ngpus", "1", "--runtime_ngpus", "1", "--policy", "dp", "--micro_batch_size", "4"]),
+    "dp2": (2, ["--plan_ngpus", "1", "--runtime_ngpus", "2", "--policy", "dp", "--micro_batch_size", "2"]),
+    "tp2": (2, ["--plan_ngpus", "2", "--runtime_ngpus", "2", "--policy", "tp", "--micro_batch_size", "4"]),
+    "tp2x2_zero": (4, ["--plan_ngpus", "2", "--runtime_ngpus", "4", "--policy", "tp_sp", "--micro_batch_size", "2"]),
+    "accumulate": (1, ["--plan_ngpus", "1", "--runtime_ngpus", "1", "--policy", "dp", "--micro_batch_size", "2",
+                       "--grad_accumulation_steps", "2"]),
+}
+
+
+def test_layouts_log_the_same_losses(workdir):
+    results = {}
+    for tag, (nproc, flags) in LAYOUTS.items():
+        _train(workdir, tag, nproc, *flags, "--max_steps", "5", "--checkpoint_dir", "")
+        results[tag] = _losses(workdir, tag)
+    reference = results["single"]
+    assert len(reference) == 5 and reference[-1] < reference[0]
+    for tag, losses in results.items():
+        for a, b in zip(losses, reference):
+            assert abs(a - b) <= 1e-4 * abs(b), (tag, losses, reference)
+
+
+def test_resume_merge_export(workdir):
+    tp = LAYOUTS["tp2"][1]
+    _train(workdir, "full", 2, *tp, "--max_steps", "6")
+    full = _losses(workdir, "full")
+    # Stopped after the step-3 checkpoint, then resumed from it: the same later losses, exactly.
+    _train(workdir, "stopped", 2, *tp, "--max_steps", "3", "--checkpoint_interval", "3")
+    _train(workdir, "stopped", 2, *tp, "--max_steps", "6", "--resume_path", "auto")
+    resumed = _losses(workdir, "stopped")
+    assert resumed[:3] == full[:3] and resumed[3:] == full[3:], (resumed, full)
+
+    # A truncated shard is refused with a message naming the file.
+    step3 = workdir / "stopped" / "ckpt" / "step_3"
+    shard = step3 / "rank1.safetensors"
+    broken = workdir / "broken"
+    (broken / "step_3").mkdir(parents=True)
+    for f in step3.iterdir():
+        (broken / "step_3" / f.name).write_bytes(f.read_bytes())
+    (broken / "step_3" / "rank1.safetensors").write_bytes(shard.read_bytes()[:-100])
+    out = _train(workdir, "broken_run", 2, *tp, "--max_steps", "6", "--resume_path", str(broken / "step_3"),
+                 check=False)
+    assert out.returncode != 0 and "rank1.safetensors" in out.stderr
+
+    # Merge step 3, resume under another plan (one process, dp): the next loss matches.
+    merged = workdir / "merged.safetensors"
+    _python(str(ROOT / "tools" / "ckpt_merger.py"), "--ckpt_dir", str(step3), "--output_fname", str(merged),
+            "--hf_output_dir", str(workdir / "hf"), "--model_config", str(workdir / "model"))
+    _train(workdir, "from_merged", 1, *LAYOUTS["single"][1], "--max_steps", "4", "--resume_path", str(merged))
+    assert abs(_losses(workdir, "from_merged")[0] - full[3]) <= 1e-5 * abs(full[3])
+
+    # The Hugging Face export is the trained model: same loss on step 4's batch as the parallel run.
+    from transformers import AutoModelForCausalLM
+
+    from dimshard.runtime.data import MicroBatchStream, load_token_dataset
+
+    stream = MicroBatchStream(load_token_dataset(str(workdir / "data")), micro_batch_size=4, dp_size=1,
+                              copy_index=0, seed=0)
+    for _ in range(3):
+        next(stream)
+    batch = next(stream)["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        loss = hf(input_ids=batch, labels=batch).loss.item()
+    assert abs(loss - full[3]) <= 1e-4 * abs(full[3]), (loss, full[3])
+
+
+def test_bad_inputs_fail_before_training_and_say_what_to_change(workdir):
+    base = ["--model_id", str(workdir / "model"), "--dataset_path", str(workdir / "data")]
+    out = _python(str(EXAMPLE / "train.py"), *base, "--plan_ngpus", "2", "--runtime_ngpus", "3", check=False)
+    assert out.returncode == 2 and "--runtime_ngpus (3) must be a positive multiple of --plan_ngpus (2)" in out.stderr
+
+    out = _python(str(EXAMPLE / "train.py"), "--run_mode", "compile", *base, "--plan_ngpus", "2",
+                  "--runtime_ngpus", "2", "--policy", "tp_sp", "--sequence_length", "63",
+                  "--compile_dir", str(workdir / "odd"), check=False)
+    assert out.returncode == 2 and "evenly" in out.stderr and "63" in out.stderr, out.stderr
+
+    out = _python(str(EXAMPLE / "train.py"), "--model_id", str(workdir / "model"), "--dataset_path",
+                  str(workdir / "no_such_data"), check=False)
+    assert out.returncode == 2 and "does not exist" in out.stderr and "bookcorpus.py" in out.stderr
+
+    # A compile output made for another plan is detected as stale and replaced before training.
+    flags = LAYOUTS["single"][1]
+    _python(str(EXAMPLE / "train.py"), "--run_mode", "compile", *base, "--plan_ngpus", "1", "--runtime_ngpus", "1",
+            "--policy", "dp", "--micro_batch_size", "2", "--compile_dir", str(workdir / "stale" / "compile"))
+    out = _train(workdir, "stale", 1, *flags, "--max_steps", "1", "--checkpoint_dir", "")
+    assert "is stale" in out.stdout and "compiling" in out.stdout, out.stdout
