@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from .codegen import generate_rank_code, shard_holders, shard_slices
+from .fusion import fused_kernels as fused_kernels_in
 from .graph import Graph
 from .plan import Plan, ResolvedPlan, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, get_policy
@@ -138,6 +140,7 @@ def compile_model(
     memory_budget_gb: float | None = None,
     extra_fingerprint: Mapping | None = None,
     forward_fn: Callable[..., Any] | None = None,
+    fused_kernels: bool = False,
 ) -> CompileResult:
     """Trace ``model`` on ``example_inputs`` (real token-id tensors), plan it, write the compile output.
 
@@ -146,13 +149,16 @@ def compile_model(
     name (dp, tp, tp_sp, tp_batch, auto) or a function ``(graph, ctx) -> Plan``. ``param_dtype``
     (e.g. torch.bfloat16) is the dtype the runtime keeps parameters in; the graph is traced with it.
     ``forward_fn(model, **inputs)``, when given, replaces ``model(**inputs)`` (see ``trace``).
+    ``fused_kernels`` traces RMSNorm, the SwiGLU activation and rotary embedding as dimshard's
+    fused kernels (see ``planner/fusion.py``).
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
     fingerprint = compile_fingerprint(model, example_inputs, plan_ngpus, policy_name, recompute, param_dtype,
-                                      extra_fingerprint)
-    graph = trace(model, example_inputs, output_fn=output_fn, param_dtype=param_dtype, forward_fn=forward_fn)
+                                      {**dict(extra_fingerprint or {}), "fused_kernels": fused_kernels})
+    with fused_kernels_in(model) if fused_kernels else contextlib.nullcontext():
+        graph = trace(model, example_inputs, output_fn=output_fn, param_dtype=param_dtype, forward_fn=forward_fn)
     ctx = PolicyContext(plan_ngpus=plan_ngpus, recompute=recompute, memory_budget_gb=memory_budget_gb)
     policy_fn = get_policy(policy) if isinstance(policy, str) else policy
     plan = policy_fn(graph, ctx)

@@ -183,7 +183,12 @@ def op_placements(graph: Graph, op: Op, split: tuple[str | None, ...], mesh: Mes
             ins[i].append(Shard(where[0]) if where else REPLICATE)
         for i in range(len(out_ids)):
             where = _dim_of(ann.outputs, i, name)
-            outs[i].append(Shard(where[0]) if where else PARTIAL)
+            if where:
+                outs[i].append(Shard(where[0]))
+            else:
+                # Absent from every output, the name is summed over: partial sums. Absent from this
+                # output only, this output never depended on it: every rank computes all of it.
+                outs[i].append(PARTIAL if name in ann.reductions else REPLICATE)
     for p in ins + outs:
         dims = [x.dim for x in p if isinstance(x, Shard)]
         if len(set(dims)) != len(dims):

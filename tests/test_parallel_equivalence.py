@@ -11,26 +11,29 @@ import copy
 
 import pytest
 import torch
-from dimshard.planner.compile import compile_model
 from dist_utils import run_distributed
 from parallel_harness import assemble, max_diff, mini_llama_config, rank_step, reference_step, save_weights
+
+from dimshard.planner.compile import compile_model
 
 TOL = 1e-5
 
 CASES = [
-    # (policy, plan_ngpus, runtime_ngpus, recompute, optimizer)
-    ("dp", 1, 2, "none", "adamw"),
-    ("tp", 2, 2, "none", "sgd"),
-    ("tp", 4, 4, "layer", "adamw"),
-    ("tp_sp", 2, 2, "layer", "adamw"),
-    ("tp_sp", 4, 4, "none", "sgd"),
-    ("tp_batch", 4, 4, "none", "adamw"),
-    ("tp", 2, 4, "none", "adamw"),
+    # (policy, plan_ngpus, runtime_ngpus, recompute, optimizer, fused kernels)
+    ("dp", 1, 2, "none", "adamw", False),
+    ("tp", 2, 2, "none", "sgd", False),
+    ("tp", 4, 4, "layer", "adamw", False),
+    ("tp_sp", 2, 2, "layer", "adamw", False),
+    ("tp_sp", 4, 4, "none", "sgd", False),
+    ("tp_batch", 4, 4, "none", "adamw", False),
+    ("tp", 2, 4, "none", "adamw", False),
+    ("tp", 2, 2, "layer", "sgd", True),
+    ("tp_sp", 4, 4, "none", "adamw", True),
 ]
 
 
-@pytest.mark.parametrize("policy,plan_ngpus,world,recompute,optimizer", CASES)
-def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, recompute, optimizer):
+@pytest.mark.parametrize("policy,plan_ngpus,world,recompute,optimizer,fused", CASES)
+def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, recompute, optimizer, fused):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -39,7 +42,7 @@ def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, re
     dp_size = world // plan_ngpus
     example = input_ids[: 4 // dp_size]
     compile_model(model, {"input_ids": example, "labels": example.clone()}, tmp_path / "out",
-                  plan_ngpus=plan_ngpus, policy=policy, recompute=recompute)
+                  plan_ngpus=plan_ngpus, policy=policy, recompute=recompute, fused_kernels=fused)
     save_weights(model, tmp_path / "weights.safetensors")
     lr = 1e-2 if optimizer == "sgd" else 1e-3  # Adam's first step is sign-like: keep it small
     ref = reference_step(copy.deepcopy(model), input_ids, optimizer, lr)

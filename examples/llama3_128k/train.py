@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import UserInputError, parse_dataclass_args  # noqa: E402
+
 from dimshard.runtime.train_config import TrainConfig  # noqa: E402
 
 
@@ -32,6 +33,10 @@ class TrainArgs(TrainConfig):
     """The trainer's flags plus what this example adds."""
 
     loss_chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of the chunked cross-entropy"})
+    fused_kernels: str = field(
+        default="auto", metadata={"help": "trace RMSNorm/SwiGLU/rotary as fused kernels: auto (on for GPU), on, off",
+                                  "choices": ("auto", "on", "off")}
+    )
     init_seed: int = field(
         default=0, metadata={"help": "seed for random weights when --model_id holds a config but no weights"}
     )
@@ -81,8 +86,10 @@ def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
     recompute = "none" if args.recompute == "auto" and args.policy != "auto" else args.recompute
     extra = {"loss": "chunk_linear_cross_entropy", "chunk_size": args.loss_chunk_size,
              "memory_budget_gb": args.memory_budget_gb}
-    fingerprint = compile_fingerprint(model, inputs, args.plan_ngpus, args.policy, recompute, dtype, extra)
-    return model, inputs, dtype, recompute, extra, fingerprint
+    fused = args.fused_kernels == "on" or (args.fused_kernels == "auto" and for_gpu)
+    fingerprint = compile_fingerprint(model, inputs, args.plan_ngpus, args.policy, recompute, dtype,
+                                      {**extra, "fused_kernels": fused})
+    return model, inputs, dtype, recompute, extra, fused, fingerprint
 
 
 def compile_stage(args: TrainArgs, for_gpu: bool) -> Path:
@@ -91,12 +98,12 @@ def compile_stage(args: TrainArgs, for_gpu: bool) -> Path:
     from dimshard.planner.compile import compile_model
     from dimshard.planner.hf import chunked_causal_lm_forward
 
-    model, inputs, dtype, recompute, extra, _ = _compile_request(args, for_gpu)
+    model, inputs, dtype, recompute, extra, fused, _ = _compile_request(args, for_gpu)
     start = time.perf_counter()
     result = compile_model(
         model, inputs, args.compile_dir, plan_ngpus=args.plan_ngpus, policy=args.policy, recompute=recompute,
         param_dtype=dtype, memory_budget_gb=args.memory_budget_gb, extra_fingerprint=extra,
-        forward_fn=chunked_causal_lm_forward(args.loss_chunk_size),
+        forward_fn=chunked_causal_lm_forward(args.loss_chunk_size), fused_kernels=fused,
     )
     _log(f"compiled {len(result.graph.ops)} ops under policy '{result.plan.name}' on mesh "
          f"{dict(zip(result.plan.mesh.axis_names, result.plan.mesh.shape))} in {time.perf_counter() - start:.1f}s "
