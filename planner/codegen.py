@@ -23,6 +23,11 @@ _OPERATORS = {
     "torch.Tensor.__eq__": "==", "torch.Tensor.__ne__": "!=", "torch.Tensor.__lt__": "<", "torch.Tensor.__gt__": ">",
     "torch.Tensor.__le__": "<=", "torch.Tensor.__ge__": ">=", "torch.Tensor.__and__": "&", "torch.Tensor.__or__": "|",
 }
+# Torch ops the generated code calls through a dimshard kernel with the same signature and values
+# (attention prefers cuDNN on Hopper: 523 against 319 TFLOP/s for torch's default choice, RESULTS.md).
+_SUBSTITUTES = {
+    "torch.nn.functional.scaled_dot_product_attention": ("dimshard.kernels.attention", "scaled_dot_product_attention"),
+}
 _SHAPE_ARG_OPS = {"torch.Tensor.view", "torch.Tensor.reshape", "torch.reshape", "torch.Tensor.expand"}
 
 
@@ -203,6 +208,11 @@ class _Writer:
                 f"{short} = __import__('__main__').{short}  # registered in the training script")
             rest = ", ".join(emit(a) for a in args)
             return f"{short}({rest}{kw})"
+        if name in _SUBSTITUTES:
+            module, short = _SUBSTITUTES[name]
+            self.imports[short] = f"from {module} import {short}"
+            joined = ", ".join(emit(a) for a in args)
+            return f"{short}({joined}{kw if joined else kw.lstrip(', ')})"
         if name == "torch.Tensor.__getitem__":
             return f"{emit(args[0])}[{_emit_index(args[1], emit)}]"
         if name in _OPERATORS and not op.kwargs and len(args) == 2:
