@@ -46,7 +46,12 @@ class BenchmarkConfig:
     num_heads: int = field(default=32, metadata={"help": "query heads"})
     num_kv_heads: int = field(default=8, metadata={"help": "key/value heads (GQA when fewer than num_heads)"})
     head_dim: int = field(default=128, metadata={"help": "attention head dim"})
-    chunk_size: int = field(default=1024, metadata={"help": "chunk_linear_cross_entropy chunk_size"})
+    chunk_size: int = field(
+        default=1024, metadata={"help": "chunk_linear_cross_entropy chunk_size, recompute path (precompute_grad=False)"}
+    )
+    precompute_chunk_size: int = field(
+        default=0, metadata={"help": "chunk_linear_cross_entropy chunk_size, precompute path; 0: automatic"}
+    )
     vocab_splits: int = field(default=0, metadata={"help": "chunk_linear_cross_entropy vocab_splits; 0: automatic"})
     eager_seq_len: int = field(
         default=8192, metadata={"help": "tokens for the eager cross-entropy baseline (its logits do not fit at 131072)"}
@@ -186,7 +191,14 @@ def measure_floors(cfg: BenchmarkConfig) -> tuple[list[Row], float, float]:
 # --- kernels ------------------------------------------------------------------------------------
 
 def bench_chunk_ce(cfg: BenchmarkConfig, matmul_rate: float) -> list[Row]:
-    """Chunked CE (Triton and PyTorch-only paths) at eager_seq_len and seq_len; eager where it fits."""
+    """Chunked CE at eager_seq_len and seq_len; eager where it fits.
+
+    Both gradient paths: precompute (gradients taken in the forward, 3 products; the default) and
+    recompute (logits recomputed in the backward, 4 products), each with the Triton elementwise
+    kernels and PyTorch-only; plus the precompute path under a per-token incoming gradient, whose
+    weight gradient is recomputed in the backward (5 products). The other rows get the uniform
+    gradient of a mean loss, 1/tokens per token.
+    """
     from dimshard.kernels import chunk_linear_cross_entropy, chunk_linear_cross_entropy_reference
 
     d, n, pad = cfg.hidden_size, cfg.vocab_size, -100
@@ -200,37 +212,57 @@ def bench_chunk_ce(cfg: BenchmarkConfig, matmul_rate: float) -> list[Row]:
         labels[torch.rand(1, tokens, device=DEVICE) < 0.05] = pad
         return [hidden, weight, labels]
 
-    def ours(h, w, y):
-        return chunk_linear_cross_entropy(h, w, y, pad, chunk_size=cfg.chunk_size, vocab_splits=splits)
+    def ours(precompute: bool) -> Callable[..., torch.Tensor]:
+        chunk = (cfg.precompute_chunk_size or None) if precompute else cfg.chunk_size
+
+        def run(h, w, y):
+            return chunk_linear_cross_entropy(h, w, y, pad, chunk_size=chunk, vocab_splits=splits,
+                                              precompute_grad=precompute)
+
+        return run
 
     def eager(h, w, y):
         return chunk_linear_cross_entropy_reference(h, w, y, pad)
 
+    # (impl, op, per-token incoming gradient?, Triton?, products executed)
+    variants = [
+        ("dimshard precompute (grads in forward, Triton elementwise)", ours(True), False, True, 3),
+        ("dimshard recompute (logits again in backward, Triton elementwise)", ours(False), False, True, 4),
+        ("dimshard precompute, per-token grad_output (weight grad recomputed)", ours(True), True, True, 5),
+        ("dimshard precompute, PyTorch-only path", ours(True), False, False, 3),
+        ("dimshard recompute, PyTorch-only path", ours(False), False, False, 4),
+    ]
     for tokens in sorted({cfg.eager_seq_len, cfg.seq_len}):
         x = inputs(tokens)
-        grad = [torch.full((1, tokens), 1.0 / tokens, device=DEVICE)]
-        flops3 = 3 * 2 * tokens * d * n  # the 3-matmul floor's work; ours executes 4 (recompute)
+        uniform = [torch.full((1, tokens), 1.0 / tokens, device=DEVICE)]
+        per_token = [torch.rand(1, tokens, device=DEVICE) * (2.0 / tokens)]
+        flops3 = 3 * 2 * tokens * d * n  # the 3-matmul floor's work, whatever a path executes
         floor_ms = flops3 / (matmul_rate * 1e12) * 1e3
         shape = f"l={tokens} d={d} n={n}"
-        row = measure(cfg, "chunk_ce", "dimshard (Triton elementwise)", shape, ours, x, [0, 1], grad, flops3,
-                      "TFLOP/s", matmul_rate)
-        if row.ms:
-            row.note = f"{row.ms / floor_ms:.2f}x the 3-matmul floor ({floor_ms:.0f} ms)"
-        rows.append(row)
-        os.environ["DIMSHARD_DISABLE_TRITON"] = "1"
-        torch_row = measure(cfg, "chunk_ce", "dimshard (PyTorch-only path)", shape, ours, x, [0, 1], grad, flops3,
-                            "TFLOP/s", matmul_rate)
-        del os.environ["DIMSHARD_DISABLE_TRITON"]
-        if torch_row.ms:
-            torch_row.note = f"{torch_row.ms / floor_ms:.2f}x the 3-matmul floor"
-        rows.append(torch_row)
-        if tokens <= cfg.eager_seq_len:
-            eager_row = measure(cfg, "chunk_ce", "eager (HF: full logits, fp32 CE)", shape, eager, x, [0, 1], grad,
+        fits_eager = tokens <= cfg.eager_seq_len
+        for impl, op, non_uniform, triton, products in variants:
+            grad = per_token if non_uniform else uniform
+            if not triton:
+                os.environ["DIMSHARD_DISABLE_TRITON"] = "1"
+            try:
+                row = measure(cfg, "chunk_ce", impl, shape, op, x, [0, 1], grad, flops3, "TFLOP/s", matmul_rate)
+            finally:
+                os.environ.pop("DIMSHARD_DISABLE_TRITON", None)
+            if row.ms:
+                row.note = f"{row.ms / floor_ms:.2f}x the 3-matmul floor ({floor_ms:.0f} ms); {products} products"
+            if row.ms and triton and fits_eager:
+                try:
+                    row.rel_error = relative_error(outputs_and_grads(op, x, [0, 1], grad),
+                                                   outputs_and_grads(eager, x, [0, 1], grad))
+                except torch.cuda.OutOfMemoryError:
+                    row.note += "; no rel err: eager out of memory"
+                torch.cuda.empty_cache()
+            rows.append(row)
+        if fits_eager:
+            eager_row = measure(cfg, "chunk_ce", "eager (HF: full logits, fp32 CE)", shape, eager, x, [0, 1], uniform,
                                 flops3, "TFLOP/s", matmul_rate)
             if eager_row.ms:
                 eager_row.note = f"{eager_row.ms / floor_ms:.2f}x the 3-matmul floor"
-                row.rel_error = relative_error(outputs_and_grads(ours, x, [0, 1], grad),
-                                               outputs_and_grads(eager, x, [0, 1], grad))
             rows.append(eager_row)
         del x
         torch.cuda.empty_cache()

@@ -3,7 +3,9 @@
 The matrix products stay in cuBLAS; these kernels replace the passes over each logits tile that
 eager PyTorch would split into several full-size fp32 temporaries: a row-wise logsumexp in fp32
 (one read of the tile), the in-place softmax-minus-one-hot gradient (one read, one write), and
-the compensated accumulation of the weight gradient. Imported only when Triton is used.
+the compensated accumulation of the weight gradient (adding an fp32 part, or renormalising a
+(value, residual) pair whose residual a matrix product has just added into). Imported only when
+Triton is used.
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ def _softmax_grad_kernel(LOGITS, LSE, TARGET, SCALE, stride_row, V, BLOCK: tl.co
 
 
 @triton.jit
-def _compensated_add_kernel(HI, LO, PART, N, BLOCK: tl.constexpr):
+def _compensated_add_kernel(HI, LO, PART, N, HAS_PART: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     hi = tl.load(HI + offs, mask=mask, other=0.0).to(tl.float32)
     lo = tl.load(LO + offs, mask=mask, other=0.0).to(tl.float32)
-    part = tl.load(PART + offs, mask=mask, other=0.0)
-    total = (hi + lo) + part
+    total = hi + lo
+    if HAS_PART:
+        total += tl.load(PART + offs, mask=mask, other=0.0)
     new_hi = total.to(HI.dtype.element_ty)
     tl.store(HI + offs, new_hi, mask=mask)
     tl.store(LO + offs, (total - new_hi.to(tl.float32)).to(LO.dtype.element_ty), mask=mask)
@@ -85,8 +88,14 @@ def softmax_grad_(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor,
     return logits
 
 
-def compensated_add_(hi: torch.Tensor, lo: torch.Tensor, part: torch.Tensor) -> None:
-    """In place: (hi, lo) <- split(hi + lo + part); contiguous tensors of one shape, part fp32."""
+def compensated_add_(hi: torch.Tensor, lo: torch.Tensor, part: torch.Tensor | None = None) -> None:
+    """In place: (hi, lo) <- split(hi + lo + part); contiguous tensors of one shape, part fp32.
+
+    ``part=None`` only renormalises: hi becomes the rounded hi + lo, lo its rounding residual.
+    """
     n = hi.numel()
     if n:
-        _compensated_add_kernel[(triton.cdiv(n, _ELEMENT_BLOCK),)](hi, lo, part, n, BLOCK=_ELEMENT_BLOCK, num_warps=8)
+        has_part = part is not None
+        _compensated_add_kernel[(triton.cdiv(n, _ELEMENT_BLOCK),)](
+            hi, lo, part if has_part else hi, n, HAS_PART=has_part, BLOCK=_ELEMENT_BLOCK, num_warps=8
+        )

@@ -1,32 +1,52 @@
 """Output projection + cross-entropy over a large vocabulary, one tile of logits at a time.
 
 At 131072 tokens and a 128256-word vocabulary the logits alone are 34 GB in bf16 (67 GB once
-upcast to fp32). This op never holds more than one tile of them. The forward computes, per
-token, the logsumexp (fp32) and the target logit, and saves only the inputs and the logsumexp;
-the backward recomputes each tile's logits, turns them into ``(softmax - onehot) * grad`` in
-place, and multiplies them into the two gradients.
+upcast to fp32). This op never holds more than one tile of them, and takes its gradients by one
+of two paths.
 
-Tiles: the tokens (flattened batch x sequence) are cut into chunks of ``chunk_size *
-vocab_splits`` rows and the vocabulary into ``vocab_splits`` blocks, so a tile holds at most
-``chunk_size`` rows' worth of full-vocabulary logits. Splitting the vocabulary lets the token
-chunk grow without more memory, which matters for the weight gradient: it is accumulated once
-per token chunk, and at Llama-3-8B sizes a read-modify-write of the whole [n, d] gradient after
-only 1024 tokens (4.2 GB of fp32 traffic, ~1.4 ms on an H100) takes about as long as that chunk's
-1.1 TFLOP product (~1.5 ms).
+Precompute path (the default whenever a gradient is needed; as in Liger-Kernel's fused linear
+cross-entropy): the forward takes the gradients too, for an incoming gradient of 1 per token.
+For each chunk of tokens it computes the logits of the whole vocabulary into one buffer, their
+logsumexp and the loss, turns the buffer into ``softmax - onehot`` in place (0 for padding
+tokens), and multiplies it into the hidden-state gradient of the chunk and the running weight
+gradient: 3 matrix products of 2*tokens*d*n flops in all. The backward scales these saved
+gradients by the real incoming gradient: per token for the hidden states (exact for any
+incoming gradient), by one number for the weight, which is exact only when the incoming
+gradient is the same for every non-padding token (``loss.sum()``, ``loss.sum() / count``,
+``loss.mean()``); otherwise the weight gradient is recomputed as on the recompute path (2 more
+products). The whole vocabulary of a chunk must be in memory before any of its gradient is
+known, so the chunk is kept short (640 MiB of logits by default) and the weight gradient is
+updated once per chunk.
 
-Accumulation: the hidden-state gradient of a token chunk is summed over the vocabulary blocks in
-an fp32 buffer of one chunk. The weight gradient is summed over token chunks in fp32 when the
-weight is fp32; for bf16/fp16 weights, an fp32 buffer of the whole weight (2.1 GB for Llama-3-8B)
-would break the memory budget, so it is kept as the gradient itself plus a second buffer of the
-weight's dtype holding the rounding residual (compensated summation: about 16 significant bits
-carried between chunks, against fp32's 24 and bf16's 8; the product inside each chunk
-accumulates in fp32 in the GEMM).
+Recompute path (``precompute_grad=False``): the forward saves only the inputs and the
+logsumexp (fp32); the backward recomputes each tile's logits, turns them into ``(softmax -
+onehot) * grad`` in place and multiplies them into both gradients: 4 products. Tiles: the tokens
+(flattened batch x sequence) are cut into chunks of ``chunk_size * vocab_splits`` rows and the
+vocabulary into ``vocab_splits`` blocks, so a tile holds at most ``chunk_size`` rows' worth of
+full-vocabulary logits. Splitting the vocabulary lets the token chunk grow without more memory,
+which matters for the weight gradient: it is accumulated once per token chunk, and at
+Llama-3-8B sizes a read-modify-write of the whole [n, d] gradient after only 1024 tokens (4.2 GB
+of fp32 traffic, ~1.4 ms on an H100) takes about as long as that chunk's 1.1 TFLOP product
+(~1.5 ms).
+
+Accumulation: the weight gradient is summed over token chunks in fp32 when the weight is fp32;
+for bf16/fp16 weights, an fp32 buffer of the whole weight (2.1 GB for Llama-3-8B) would break
+the memory budget, so it is kept as the gradient itself plus a second buffer of the weight's
+dtype holding the rounding residual (compensated summation: about 16 significant bits carried
+between chunks, against fp32's 24 and bf16's 8). On the recompute path each chunk's product
+arrives in fp32. On the precompute path, when the logits are in the weight's dtype, the product
+is added to the residual inside the matrix product (one rounding, relative to that chunk's share
+of the sum, as the single rounding of an eager bf16 gradient is relative to the whole sum) and
+the pair is renormalised: a third less accumulator traffic per chunk, which the precompute
+path's short chunks need. The hidden-state gradient of a token is summed over the vocabulary in
+fp32 inside the matrix products (or in an fp32 buffer of one chunk) and rounded once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +58,14 @@ from ._triton_common import use_triton
 # Auto tiling: up to 16 vocabulary blocks, none narrower than 4096 words.
 _MAX_VOCAB_SPLITS = 16
 _MIN_VOCAB_TILE = 4096
+# Recompute path: full-vocabulary rows of logits per tile when chunk_size is None.
+_RECOMPUTE_CHUNK = 1024
+# Precompute path: logits bytes of one chunk when chunk_size is None. At Llama-3-8B sizes (bf16)
+# that is 2560 tokens: with the weight gradient's residual (0.98 GiB) about 1.65 GiB above the
+# inputs and gradients, under the 2 GB budget with some room, while the per-chunk pass over the
+# [n, d] accumulator (~1.4 ms on an H100) stays about an eighth of the chunk's 3 products.
+_PRECOMPUTE_LOGITS_BYTES = 640 * 2**20
+_GEMM_ROWS = 256  # automatic precompute chunks are a multiple of this where they can be
 
 _FP32_OUT_MATMUL: dict[torch.device, bool] = {}
 
@@ -58,7 +86,7 @@ def chunk_linear_cross_entropy_reference(
 
 
 def tile_sizes(num_tokens: int, vocab_size: int, chunk_size: int, vocab_splits: int | None) -> tuple[int, int]:
-    """(tokens per tile, vocabulary words per tile) for the given arguments.
+    """(tokens per tile, vocabulary words per tile) of the recompute path for the given arguments.
 
     ``vocab_splits=None`` picks as many vocabulary blocks as the tokens fill (at most 16, each
     at least 4096 words wide); a tile never exceeds ``chunk_size`` full-vocabulary rows.
@@ -70,6 +98,30 @@ def tile_sizes(num_tokens: int, vocab_size: int, chunk_size: int, vocab_splits: 
     if vocab_splits < 1:
         raise ValueError(f"vocab_splits must be >= 1 or None, got {vocab_splits}")
     return chunk_size * vocab_splits, max(1, math.ceil(vocab_size / vocab_splits))
+
+
+def precompute_tile_sizes(
+    num_tokens: int, vocab_size: int, itemsize: int, chunk_size: int | None, vocab_splits: int | None
+) -> tuple[int, int]:
+    """(tokens per chunk, vocabulary words per block) of the precompute path.
+
+    A chunk holds the logits of its tokens over the whole vocabulary (``itemsize`` bytes each):
+    ``chunk_size`` tokens, or with None as many as fit in 640 MiB (a multiple of 256 when that
+    is at least 256), never more than ``num_tokens``. The blocks only bound the fp32 temporaries
+    of the elementwise passes and of mixed-dtype products: ``vocab_splits`` blocks, or with None
+    up to 16 of at least 4096 words.
+    """
+    if chunk_size is None:
+        chunk_size = max(1, _PRECOMPUTE_LOGITS_BYTES // max(1, vocab_size * itemsize))
+        if chunk_size >= _GEMM_ROWS:
+            chunk_size -= chunk_size % _GEMM_ROWS
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if vocab_splits is None:
+        vocab_splits = max(1, min(_MAX_VOCAB_SPLITS, vocab_size // _MIN_VOCAB_TILE))
+    if vocab_splits < 1:
+        raise ValueError(f"vocab_splits must be >= 1 or None, got {vocab_splits}")
+    return max(1, min(chunk_size, num_tokens)), max(1, math.ceil(vocab_size / vocab_splits))
 
 
 def _fp32_out_matmul_ok(device: torch.device) -> bool:
@@ -128,14 +180,16 @@ def _softmax_grad_(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor
     return logits.copy_(grad)
 
 
-def _compensated_add_(hi: torch.Tensor, lo: torch.Tensor, part: torch.Tensor) -> None:
-    """In place: (hi, lo) <- (rounded sum, rounding residual) of hi + lo + part (part fp32)."""
+def _compensated_add_(hi: torch.Tensor, lo: torch.Tensor, part: torch.Tensor | None) -> None:
+    """In place: (hi, lo) <- (rounded sum, rounding residual) of hi + lo + part (part fp32; None: 0)."""
     if use_triton(hi):
         from . import _triton_cross_entropy as kernels
 
         kernels.compensated_add_(hi, lo, part)
         return
-    total = hi.float().add_(lo.float()).add_(part)
+    total = hi.float().add_(lo.float())
+    if part is not None:
+        total.add_(part)
     hi.copy_(total)
     lo.copy_(total.sub_(hi.float()))
 
@@ -156,90 +210,277 @@ def _fp32_matmul(a: torch.Tensor, b: torch.Tensor, fp32_out: bool) -> torch.Tens
     return (a @ b).float()
 
 
+def _fold_block(
+    logits: torch.Tensor, column: torch.Tensor, lse: torch.Tensor, target_logit: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one vocabulary block's logits into its rows' running logsumexp and target logit.
+
+    ``column`` is each row's target minus the block's first word; one outside the block leaves
+    the target logit as it was.
+    """
+    width = logits.shape[1]
+    lse = torch.logaddexp(lse, _row_logsumexp(logits))
+    in_block = (column >= 0) & (column < width)
+    picked = logits.gather(1, column.clamp(0, width - 1)[:, None])[:, 0].float()
+    return lse, torch.where(in_block, picked, target_logit)
+
+
+def _new_weight_grad(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A zero weight gradient in the weight's dtype and, for bf16/fp16, its zero rounding residual."""
+    grad = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    residual = None if weight.dtype in (torch.float32, torch.float64) else torch.zeros_like(grad)
+    return grad, residual
+
+
+def _loss_tiles(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    padding_idx: int,
+    token_tile: int,
+    vocab_tile: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and logsumexp per token (fp32 [tokens]) without gradient work; hidden [tokens, d]."""
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+    loss = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+    for t0 in range(0, num_tokens, token_tile):
+        t1 = min(t0 + token_tile, num_tokens)
+        hidden_tile, target_tile = hidden[t0:t1], targets[t0:t1]
+        lse_tile = torch.full((t1 - t0,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        target_logit = torch.zeros(t1 - t0, dtype=torch.float32, device=hidden.device)
+        for v0 in range(0, vocab, vocab_tile):
+            v1 = min(v0 + vocab_tile, vocab)
+            logits = hidden_tile @ weight[v0:v1].to(hidden.dtype).t()
+            lse_tile, target_logit = _fold_block(logits, target_tile - v0, lse_tile, target_logit)
+            del logits  # free this tile before the next one is allocated
+        lse[t0:t1] = lse_tile
+        loss[t0:t1] = torch.where(target_tile != padding_idx, lse_tile - target_logit, 0.0)
+    return loss, lse
+
+
+def _loss_and_grads_tiles(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    padding_idx: int,
+    chunk: int,
+    vocab_tile: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Precompute path: loss, logsumexp, and both gradients for an incoming gradient of 1 per token.
+
+    Returns (loss, lse) fp32 [tokens], the hidden-state gradient [tokens, d] in hidden's dtype
+    (None unless ``need_hidden``) and the weight gradient [n, d] in weight's dtype (None unless
+    ``need_weight``). Padding tokens get 0 loss and contribute nothing to either gradient.
+    """
+    num_tokens, dim = hidden.shape
+    vocab, dtype, device = weight.shape[0], hidden.dtype, hidden.device
+    fp32_out = _fp32_out_matmul_ok(device)
+    # A weight wider than the compute dtype (fp32 master weights, bf16 activations) is cast once
+    # rather than twice per block per chunk: its gradient accumulates in fp32 with no residual,
+    # so the copy takes the memory the residual takes for a bf16 weight.
+    product_weight = weight.to(dtype) if weight.element_size() > hidden.element_size() else weight
+    same_dtype = product_weight.dtype == dtype
+    valid = targets != padding_idx
+    token_scale = valid.float()  # d loss_t / d loss_t, and 0 for padding tokens
+    lse = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    loss = torch.empty(num_tokens, dtype=torch.float32, device=device)
+    grad_hidden = torch.empty((num_tokens, dim), dtype=dtype, device=device) if need_hidden else None
+    grad_weight, residual = _new_weight_grad(weight) if need_weight else (None, None)
+    # One buffer for every chunk: its logits, then (in place) their gradient.
+    buffer = torch.empty((min(chunk, num_tokens), vocab), dtype=dtype, device=device)
+    for t0 in range(0, num_tokens, chunk):
+        t1 = min(t0 + chunk, num_tokens)
+        hidden_chunk, target_chunk = hidden[t0:t1], targets[t0:t1]
+        logits = buffer[: t1 - t0]
+        lse_chunk = torch.full((t1 - t0,), float("-inf"), dtype=torch.float32, device=device)
+        target_logit = torch.zeros(t1 - t0, dtype=torch.float32, device=device)
+        for v0 in range(0, vocab, vocab_tile):
+            v1 = min(v0 + vocab_tile, vocab)
+            block = logits[:, v0:v1]
+            # A column block of the buffer: cuBLAS writes it in place through its row stride.
+            torch.mm(hidden_chunk, product_weight[v0:v1].to(dtype).t(), out=block)
+            lse_chunk, target_logit = _fold_block(block, target_chunk - v0, lse_chunk, target_logit)
+        lse[t0:t1] = lse_chunk
+        loss[t0:t1] = torch.where(valid[t0:t1], lse_chunk - target_logit, 0.0)
+        # The softmax needs the whole row's logsumexp, so only now can the gradients start.
+        for v0 in range(0, vocab, vocab_tile):
+            v1 = min(v0 + vocab_tile, vocab)
+            _softmax_grad_(logits[:, v0:v1], lse_chunk, target_chunk - v0, token_scale[t0:t1])
+        if need_hidden:
+            if same_dtype and fp32_out and dtype in (torch.bfloat16, torch.float16):
+                # fp32 result: cuBLAS may split a K of the whole vocabulary, and its partial sums
+                # must not be rounded to bf16 (allow_bf16_reduced_precision_reduction).
+                grad_hidden[t0:t1] = torch.mm(logits, product_weight, out_dtype=torch.float32)
+            elif same_dtype:
+                torch.mm(logits, product_weight, out=grad_hidden[t0:t1])
+            else:
+                acc = torch.zeros((t1 - t0, dim), dtype=torch.float32, device=device)
+                for v0 in range(0, vocab, vocab_tile):
+                    v1 = min(v0 + vocab_tile, vocab)
+                    _add_matmul_(acc, logits[:, v0:v1], product_weight[v0:v1].to(dtype), fp32_out)
+                grad_hidden[t0:t1] = acc
+                del acc
+        if need_weight:
+            for v0 in range(0, vocab, vocab_tile):
+                v1 = min(v0 + vocab_tile, vocab)
+                dlogits_t = logits[:, v0:v1].t()
+                if residual is None:
+                    _add_matmul_(grad_weight[v0:v1], dlogits_t, hidden_chunk, fp32_out)
+                elif dlogits_t.dtype == residual.dtype:
+                    # Into the residual inside the product, then renormalise (see the module docstring).
+                    residual[v0:v1].addmm_(dlogits_t, hidden_chunk)
+                    _compensated_add_(grad_weight[v0:v1], residual[v0:v1], None)
+                else:
+                    part = _fp32_matmul(dlogits_t, hidden_chunk, fp32_out)
+                    _compensated_add_(grad_weight[v0:v1], residual[v0:v1], part)
+                    del part
+    return loss, lse, grad_hidden, grad_weight
+
+
+def _recompute_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    scale: torch.Tensor,
+    token_tile: int,
+    vocab_tile: int,
+    need_hidden: bool,
+    need_weight: bool,
+    grad_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Recompute path: gradients for the incoming gradient ``scale`` (fp32 per token, 0 for padding).
+
+    Returns (grad_hidden [tokens, d] or None, grad_weight [n, d] or None). ``grad_weight``, when
+    given, is a zeroed buffer of the weight's shape and dtype to accumulate into.
+    """
+    num_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    fp32_out = _fp32_out_matmul_ok(hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    residual = None
+    if need_weight:
+        if grad_weight is None:
+            grad_weight, residual = _new_weight_grad(weight)
+        elif weight.dtype not in (torch.float32, torch.float64):
+            residual = torch.zeros_like(grad_weight)
+    for t0 in range(0, num_tokens, token_tile):
+        t1 = min(t0 + token_tile, num_tokens)
+        hidden_tile = hidden[t0:t1]
+        acc_hidden = torch.zeros((t1 - t0, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
+        for v0 in range(0, vocab, vocab_tile):
+            v1 = min(v0 + vocab_tile, vocab)
+            weight_tile = weight[v0:v1].to(hidden.dtype)
+            logits = hidden_tile @ weight_tile.t()
+            dlogits = _softmax_grad_(logits, lse[t0:t1], targets[t0:t1] - v0, scale[t0:t1])
+            if need_hidden:
+                _add_matmul_(acc_hidden, dlogits, weight_tile, fp32_out)
+            if need_weight:
+                if residual is None:
+                    _add_matmul_(grad_weight[v0:v1], dlogits.t(), hidden_tile, fp32_out)
+                else:
+                    part = _fp32_matmul(dlogits.t(), hidden_tile, fp32_out)
+                    _compensated_add_(grad_weight[v0:v1], residual[v0:v1], part)
+                    del part
+            del logits, dlogits
+        if need_hidden:
+            grad_hidden[t0:t1] = acc_hidden
+            del acc_hidden
+    return grad_hidden, grad_weight
+
+
+def _uniform_value(grad_loss: torch.Tensor, valid: torch.Tensor) -> float | None:
+    """The value ``grad_loss`` takes on every valid token, or None where it varies (one host sync).
+
+    With no valid token every precomputed gradient is 0 and 1.0 is returned. NaN is never uniform.
+    """
+    grad = grad_loss.reshape(-1).float()
+    low, high = torch.stack(
+        [torch.where(valid, grad, math.inf).amin(), torch.where(valid, grad, -math.inf).amax()]
+    ).tolist()
+    if low == math.inf and high == -math.inf:
+        return 1.0
+    return high if low == high else None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one call runs: recompute tiles, and precompute tiles when the forward takes the gradients."""
+
+    recompute_tiles: tuple[int, int]
+    precompute_tiles: tuple[int, int] | None
+    need_hidden: bool
+    need_weight: bool
+
+
 class _ChunkLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx,
-        hidden_states: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        padding_idx: int,
-        token_tile: int,
-        vocab_tile: int,
+        ctx, hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, padding_idx: int, plan: _Plan
     ) -> torch.Tensor:
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         targets = labels.reshape(-1).long()
-        num_tokens, vocab = hidden.shape[0], weight.shape[0]
-        lse = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
-        loss = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
+        grads: tuple[torch.Tensor | None, ...] = ()
         with _autocast_off(hidden.device):
-            for t0 in range(0, num_tokens, token_tile):
-                t1 = min(t0 + token_tile, num_tokens)
-                hidden_tile, target_tile = hidden[t0:t1], targets[t0:t1]
-                lse_tile = torch.full((t1 - t0,), float("-inf"), dtype=torch.float32, device=hidden.device)
-                target_logit = torch.zeros(t1 - t0, dtype=torch.float32, device=hidden.device)
-                for v0 in range(0, vocab, vocab_tile):
-                    v1 = min(v0 + vocab_tile, vocab)
-                    logits = hidden_tile @ weight[v0:v1].to(hidden.dtype).t()
-                    lse_tile = torch.logaddexp(lse_tile, _row_logsumexp(logits))
-                    column = target_tile - v0
-                    in_tile = (column >= 0) & (column < v1 - v0)
-                    picked = logits.gather(1, column.clamp(0, v1 - v0 - 1)[:, None])[:, 0].float()
-                    target_logit = torch.where(in_tile, picked, target_logit)
-                    del logits  # free this tile before the next one is allocated
-                lse[t0:t1] = lse_tile
-                loss[t0:t1] = torch.where(target_tile != padding_idx, lse_tile - target_logit, 0.0)
-        ctx.save_for_backward(hidden_states, weight, labels, lse)
+            if plan.precompute_tiles is not None:
+                loss, lse, grad_hidden, grad_weight = _loss_and_grads_tiles(
+                    hidden, weight, targets, padding_idx, *plan.precompute_tiles, plan.need_hidden,
+                    plan.need_weight,
+                )
+                grads = (grad_hidden, grad_weight)
+            else:
+                loss, lse = _loss_tiles(hidden, weight, targets, padding_idx, *plan.recompute_tiles)
+        # The precomputed gradients go through save_for_backward, not ctx attributes, so that
+        # saved-tensor hooks govern them like any activation: under non-reentrant activation
+        # checkpointing they are dropped after the first forward and the recomputed forward's
+        # are the ones the backward receives.
+        ctx.save_for_backward(hidden_states, weight, labels, lse, *grads)
         ctx.padding_idx = padding_idx
-        ctx.tiles = (token_tile, vocab_tile)
+        ctx.plan = plan
+        ctx.precomputed_used = False
         return loss.view(labels.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden_states, weight, labels, lse = ctx.saved_tensors
+        hidden_states, weight, labels, lse, *precomputed = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        token_tile, vocab_tile = ctx.tiles
+        plan: _Plan = ctx.plan
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         targets = labels.reshape(-1).long()
-        num_tokens, dim = hidden.shape
-        vocab = weight.shape[0]
+        valid = targets != ctx.padding_idx
         # Padding tokens get no gradient whatever the incoming gradient says.
-        scale = torch.where(targets != ctx.padding_idx, grad_loss.reshape(-1).float(), 0.0)
-        fp32_out = _fp32_out_matmul_ok(hidden.device)
-
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = residual = None
-        if need_weight:
-            grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-            if weight.dtype not in (torch.float32, torch.float64):
-                residual = torch.zeros_like(grad_weight)
-
+        scale = torch.where(valid, grad_loss.reshape(-1).float(), 0.0)
+        grad_hidden = grad_weight = None
         with _autocast_off(hidden.device):
-            for t0 in range(0, num_tokens, token_tile):
-                t1 = min(t0 + token_tile, num_tokens)
-                hidden_tile = hidden[t0:t1]
-                acc_hidden = torch.zeros((t1 - t0, dim), dtype=torch.float32, device=hidden.device) if need_hidden else None
-                for v0 in range(0, vocab, vocab_tile):
-                    v1 = min(v0 + vocab_tile, vocab)
-                    weight_tile = weight[v0:v1].to(hidden.dtype)
-                    logits = hidden_tile @ weight_tile.t()
-                    dlogits = _softmax_grad_(logits, lse[t0:t1], targets[t0:t1] - v0, scale[t0:t1])
-                    if need_hidden:
-                        _add_matmul_(acc_hidden, dlogits, weight_tile, fp32_out)
-                    if need_weight:
-                        if residual is None:
-                            _add_matmul_(grad_weight[v0:v1], dlogits.t(), hidden_tile, fp32_out)
-                        else:
-                            part = _fp32_matmul(dlogits.t(), hidden_tile, fp32_out)
-                            _compensated_add_(grad_weight[v0:v1], residual[v0:v1], part)
-                            del part
-                    del logits, dlogits
-                if need_hidden:
-                    grad_hidden[t0:t1] = acc_hidden
-                    del acc_hidden
+            if precomputed and not ctx.precomputed_used:
+                # The saved buffers are scaled in place and handed out as the gradients (no
+                # second gradient-sized buffer). A later backward through a retained graph
+                # must not see them again: it takes the recompute path.
+                ctx.precomputed_used = True
+                grad_hidden, grad_weight = precomputed
+                # Only the weight needs to know (a hidden-state gradient is always scaled per token).
+                uniform = _uniform_value(grad_loss, valid) if need_weight else None
+                # In place through .data: the saved tensors' version counters stay as saved,
+                # so a retained graph can still unpack them for the recompute path.
+                if need_hidden and uniform != 1.0:
+                    grad_hidden.data.mul_(scale[:, None])  # per token: exact for any incoming gradient
+                if need_weight and uniform is None:
+                    # A weight gradient summed over tokens cannot be rescaled per token: recompute it.
+                    grad_weight.data.zero_()
+                    _recompute_grads(hidden, weight, targets, lse, scale, *plan.recompute_tiles, False, True,
+                                     grad_weight=grad_weight.data)
+                elif need_weight and uniform != 1.0:
+                    grad_weight.data.mul_(uniform)
+            else:
+                grad_hidden, grad_weight = _recompute_grads(
+                    hidden, weight, targets, lse, scale, *plan.recompute_tiles, need_hidden, need_weight
+                )
         grad_hidden_states = grad_hidden.view(hidden_states.shape) if need_hidden else None
-        return grad_hidden_states, grad_weight, None, None, None, None
+        return grad_hidden_states, grad_weight if need_weight else None, None, None, None
 
 
 @register_op("b l d^, n^ d^, b l -> b l")
@@ -248,24 +489,45 @@ def chunk_linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     padding_idx: int,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     vocab_splits: int | None = None,
+    precompute_grad: bool | None = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy of ``hidden_states @ weight.T`` against ``labels``, in fp32.
 
     hidden_states [b, l, d] (any leading dims), weight [n, d], labels [b, l] integer with values
     in [0, n) or equal to ``padding_idx``; hidden_states sets the compute dtype (fp32, bf16 or
-    fp16; weight is cast tile by tile if it differs). Returns loss [b, l] fp32; tokens whose label
-    is ``padding_idx`` get 0 loss and 0 gradient. hidden_states and weight get gradients in their
-    own dtypes.
+    fp16; weight is cast block by block if it differs). Returns loss [b, l] fp32; tokens whose
+    label is ``padding_idx`` get 0 loss and 0 gradient. hidden_states and weight get gradients in
+    their own dtypes.
 
-    Memory: at most ``chunk_size`` x n logits exist at once (plus, on the PyTorch path used off
-    CUDA, an fp32 copy of them), an fp32 buffer of ``chunk_size * vocab_splits`` x d, and for a
-    bf16/fp16 weight one extra weight-sized buffer during the backward. ``vocab_splits`` (None:
-    automatic, see ``tile_sizes``) cuts each chunk's vocabulary into blocks so the token chunk
-    can be ``vocab_splits`` times longer at the same memory. Cost: 4 matrix products of
-    2*tokens*d*n flops (the backward recomputes the logits) plus one read of the logits in the
-    forward and one read-write in the backward.
+    ``precompute_grad``: None (the default) or True takes the gradients in the forward whenever
+    one is needed (grad mode on and hidden_states or weight requiring grad; never on the meta
+    device); False always recomputes the logits in the backward. With neither input needing a
+    gradient (evaluation, ``torch.no_grad``) the forward does no gradient work on either path; a
+    forward under grad mode that no backward follows has still paid for the gradients.
+
+    Precompute path: 3 matrix products of 2*tokens*d*n flops, all in the forward. The backward
+    scales the saved gradients: the hidden-state gradient per token (exact for any incoming
+    gradient); the weight gradient by one number when the incoming gradient is the same for
+    every non-padding token (checked on the device, one host sync per backward), otherwise it is
+    recomputed (2 more products, with the recompute path's backward memory). Memory: both
+    gradients exist from the forward on (they are the gradients the backward returns, scaled in
+    place, not copied), plus ``chunk_size`` x n logits (None: 640 MiB of them), during the
+    forward a weight-sized buffer in the weight's dtype for a bf16/fp16 weight (the residual) or
+    in the compute dtype for a weight wider than hidden_states (its cast copy), and off CUDA an
+    fp32 copy of one vocabulary block of the logits. A second backward through a retained graph
+    recomputes.
+
+    Recompute path: 4 products (the backward recomputes the logits). Memory: at most
+    ``chunk_size`` x n logits (None: 1024 x n; plus, off CUDA, an fp32 copy of them), an fp32
+    buffer of ``chunk_size * vocab_splits`` x d, and for a bf16/fp16 weight one weight-sized
+    residual during the backward. ``vocab_splits`` (None: automatic, see ``tile_sizes``) cuts
+    each chunk's vocabulary into blocks so the token chunk can be ``vocab_splits`` times longer
+    at the same memory.
+
+    Under non-reentrant activation checkpointing the forward runs twice with grad enabled, so
+    both runs take the gradients; the recomputed run's are the ones the backward uses.
     """
     if hidden_states.shape[:-1] != labels.shape:
         raise ValueError(
@@ -276,5 +538,16 @@ def chunk_linear_cross_entropy(
         raise ValueError(
             f"weight must be [vocab, {hidden_states.shape[-1]}] to match hidden_states, got {tuple(weight.shape)}"
         )
-    token_tile, vocab_tile = tile_sizes(labels.numel(), weight.shape[0], chunk_size, vocab_splits)
-    return _ChunkLinearCrossEntropy.apply(hidden_states, weight, labels, padding_idx, token_tile, vocab_tile)
+    num_tokens, vocab = labels.numel(), weight.shape[0]
+    recompute_chunk = _RECOMPUTE_CHUNK if chunk_size is None else chunk_size
+    recompute_tiles = tile_sizes(num_tokens, vocab, recompute_chunk, vocab_splits)
+    # Decided here, not in forward: autograd runs Function.forward with grad mode off.
+    grad_on = torch.is_grad_enabled()
+    need_hidden, need_weight = grad_on and hidden_states.requires_grad, grad_on and weight.requires_grad
+    precompute_tiles = None
+    if (need_hidden or need_weight) and precompute_grad is not False and hidden_states.device.type != "meta":
+        precompute_tiles = precompute_tile_sizes(
+            num_tokens, vocab, hidden_states.element_size(), chunk_size, vocab_splits
+        )
+    plan = _Plan(recompute_tiles, precompute_tiles, need_hidden, need_weight)
+    return _ChunkLinearCrossEntropy.apply(hidden_states, weight, labels, padding_idx, plan)

@@ -115,13 +115,16 @@ def test_chunk_linear_cross_entropy_kernels(dtype):
 def test_compensated_add_kernel():
     from dimshard.kernels import _triton_cross_entropy as kernels
 
-    hi = torch.randn(3000).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    hi = torch.randn(3000, generator=gen).to(torch.bfloat16)
     lo = torch.zeros(3000, dtype=torch.bfloat16)
     exact = hi.double()
     for _ in range(20):
-        part = torch.randn(3000) * 0.01
+        part = torch.randn(3000, generator=gen) * 0.01
         kernels.compensated_add_(hi, lo, part)
         exact += part.double()
     # hi + lo carries ~16 significant bits. (Whether hi alone is the correctly rounded sum is
-    # checked on the GPU only: the interpreter truncates fp32 -> bf16 where the GPU rounds.)
-    assert (hi.double() + lo.double() - exact).abs().max() < 2e-4 * exact.abs().max()
+    # checked on the GPU only: the interpreter truncates fp32 -> bf16 where the GPU rounds, so
+    # there each step's residual loses up to 2^-16 of hi in the same direction: 20 steps, ~3e-4.)
+    bound = 1e-3 if INTERPRETED else 2e-4
+    assert (hi.double() + lo.double() - exact).abs().max() < bound * exact.abs().max()
