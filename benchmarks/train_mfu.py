@@ -38,6 +38,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     p.add_argument("--loss_chunk_size", type=int, default=4096, help="tokens per chunk of the chunked loss")
+    p.add_argument("--fused_kernels", choices=("on", "off"), default="on",
+                   help="trace RMSNorm/SwiGLU/rotary as the fused Triton kernels (as train.py does on GPU)")
     p.add_argument("--compile_dir", default="/tmp/dimshard_bench", help="where the compile output is written")
     p.add_argument("--json_out", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--hidden_size", type=int, default=4096, help="hidden size (shrink for smoke tests)")
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = _args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/train_mfu.py measures GPUs: no CUDA device is visible here")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from dimshard.planner.compile import compile_model
     from dimshard.planner.hf import chunked_causal_lm_forward
     from dimshard.runtime.distributed import init_parallel
@@ -60,7 +64,6 @@ def main(argv: list[str] | None = None) -> dict:
     from dimshard.runtime.metrics import flops_per_sequence
     from dimshard.runtime.module import load_parallel_module, read_plan
     from dimshard.runtime.optimizer import ZeroAdamW
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, plan_ngpus=args.plan_ngpus,
                       policy=args.policy, recompute=args.recompute, param_dtype=torch.bfloat16,
                       memory_budget_gb=args.memory_budget_gb,
-                      forward_fn=chunked_causal_lm_forward(args.loss_chunk_size))
+                      forward_fn=chunked_causal_lm_forward(args.loss_chunk_size),
+                      fused_kernels=args.fused_kernels == "on")
         compile_seconds = time.perf_counter() - start
     dist.barrier()
     plan = read_plan(args.compile_dir)

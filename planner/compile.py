@@ -19,6 +19,7 @@ from .fusion import fused_kernels as fused_kernels_in
 from .graph import Graph
 from .plan import Plan, ResolvedPlan, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, get_policy
+from .report import write_plan_report
 from .trace import default_output, trace
 
 FORMAT_VERSION = 1
@@ -141,6 +142,7 @@ def compile_model(
     extra_fingerprint: Mapping | None = None,
     forward_fn: Callable[..., Any] | None = None,
     fused_kernels: bool = False,
+    policy_options: Mapping[str, Any] | None = None,
 ) -> CompileResult:
     """Trace ``model`` on ``example_inputs`` (real token-id tensors), plan it, write the compile output.
 
@@ -150,16 +152,21 @@ def compile_model(
     (e.g. torch.bfloat16) is the dtype the runtime keeps parameters in; the graph is traced with it.
     ``forward_fn(model, **inputs)``, when given, replaces ``model(**inputs)`` (see ``trace``).
     ``fused_kernels`` traces RMSNorm, the SwiGLU activation and rotary embedding as dimshard's
-    fused kernels (see ``planner/fusion.py``).
+    fused kernels (see ``planner/fusion.py``). ``policy_options`` go to the policy as
+    ``PolicyContext.extra`` (for ``auto`` and the report: ``hw_profile``, ``dp_size``, ``zero``,
+    ``mesh_shapes``); they are part of the fingerprint. ``plan_report.md`` (the explain-plan page of
+    ``planner/report.py``) is written next to ``plan.json`` for every policy.
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
     policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
     fingerprint = compile_fingerprint(model, example_inputs, plan_ngpus, policy_name, recompute, param_dtype,
-                                      {**dict(extra_fingerprint or {}), "fused_kernels": fused_kernels})
+                                      {**dict(extra_fingerprint or {}), "fused_kernels": fused_kernels,
+                                       "policy_options": dict(policy_options or {})})
     with fused_kernels_in(model) if fused_kernels else contextlib.nullcontext():
         graph = trace(model, example_inputs, output_fn=output_fn, param_dtype=param_dtype, forward_fn=forward_fn)
-    ctx = PolicyContext(plan_ngpus=plan_ngpus, recompute=recompute, memory_budget_gb=memory_budget_gb)
+    ctx = PolicyContext(plan_ngpus=plan_ngpus, recompute=recompute, memory_budget_gb=memory_budget_gb,
+                        extra=dict(policy_options or {}))
     policy_fn = get_policy(policy) if isinstance(policy, str) else policy
     plan = policy_fn(graph, ctx)
     if plan.mesh.size != plan_ngpus:
@@ -176,6 +183,7 @@ def compile_model(
     from safetensors.torch import save_file
 
     save_file(_buffer_values(model, graph), str(output_dir / "buffers.safetensors"))
+    write_plan_report(graph, resolved, ctx, output_dir / "plan_report.md")
     manifest = _plan_json(graph, resolved, model, fingerprint, example_inputs)
     # plan.json last: its presence marks a complete compile output.
     tmp = output_dir / "plan.json.tmp"

@@ -56,7 +56,7 @@ def fused_kernels(model: torch.nn.Module) -> Iterator[list[str]]:
                     return _original(q, k, cos, sin, *args, **kwargs)
                 return apply_rotary(q, k, cos, sin)
 
-            setattr(source, "apply_rotary_pos_emb", rotary)
+            source.apply_rotary_pos_emb = rotary
             patched_functions.append((source, "apply_rotary_pos_emb", original))
             fused.append(f"{source.__name__}.apply_rotary_pos_emb: apply_rotary")
     try:

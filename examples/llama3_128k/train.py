@@ -37,6 +37,11 @@ class TrainArgs(TrainConfig):
         default="auto", metadata={"help": "trace RMSNorm/SwiGLU/rotary as fused kernels: auto (on for GPU), on, off",
                                   "choices": ("auto", "on", "off")}
     )
+    hw_profile: str = field(
+        default="", metadata={"help": "cost-model hardware profile for the planner: h100, h200, cpu or a JSON file "
+                                      "from `python -m dimshard.planner.profile_hw`; default: the visible GPU's, "
+                                      "else $DIMSHARD_HW_PROFILE, else h100"}
+    )
     init_seed: int = field(
         default=0, metadata={"help": "seed for random weights when --model_id holds a config but no weights"}
     )
@@ -69,6 +74,32 @@ def _compile_inputs(args: TrainArgs, sequence_length: int) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+# Part of a GPU's memory the auto policy leaves free by default: CUDA context, NCCL buffers and
+# allocator fragmentation, which the cost model does not count.
+MEMORY_MARGIN = 0.08
+
+
+def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
+    """The planner's options (hardware profile, data-parallel copies) and the per-GPU memory budget.
+
+    The budget is ``--memory_budget_gb``, or for ``--policy auto`` the profile's GPU memory less
+    8% (see MEMORY_MARGIN); other policies get no budget (the report still shows their memory).
+    Only ``auto`` depends on the data-parallel degree, so only its compile output is tied to
+    ``--runtime_ngpus``.
+    """
+    from dimshard.planner.cost import default_hw_profile, load_hw_profile
+
+    hw = load_hw_profile(args.hw_profile) if args.hw_profile else default_hw_profile()
+    options = {"hw_profile": args.hw_profile or hw.name}
+    if args.policy == "auto":
+        # The search weighs ZeRO-1's sharded optimizer state; other plans stay valid for any runtime_ngpus.
+        options.update(dp_size=args.runtime_ngpus // args.plan_ngpus, zero=args.zero)
+    budget = args.memory_budget_gb
+    if budget is None and args.policy == "auto" and hw.memory_gb:
+        budget = round(hw.memory_gb * (1 - MEMORY_MARGIN), 1)
+    return options, budget
+
+
 def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
     """What to compile: the model (on meta), inputs, options and the fingerprint they give."""
     from dimshard.planner.compile import compile_fingerprint
@@ -84,12 +115,12 @@ def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
     inputs = _compile_inputs(args, sequence_length)
     dtype = _param_dtype(args, for_gpu)
     recompute = "none" if args.recompute == "auto" and args.policy != "auto" else args.recompute
-    extra = {"loss": "chunk_linear_cross_entropy", "chunk_size": args.loss_chunk_size,
-             "memory_budget_gb": args.memory_budget_gb}
+    options, budget = _policy_options(args)
+    extra = {"loss": "chunk_linear_cross_entropy", "chunk_size": args.loss_chunk_size, "memory_budget_gb": budget}
     fused = args.fused_kernels == "on" or (args.fused_kernels == "auto" and for_gpu)
     fingerprint = compile_fingerprint(model, inputs, args.plan_ngpus, args.policy, recompute, dtype,
-                                      {**extra, "fused_kernels": fused})
-    return model, inputs, dtype, recompute, extra, fused, fingerprint
+                                      {**extra, "fused_kernels": fused, "policy_options": options})
+    return model, inputs, dtype, recompute, extra, fused, options, budget, fingerprint
 
 
 def compile_stage(args: TrainArgs, for_gpu: bool) -> Path:
@@ -98,12 +129,12 @@ def compile_stage(args: TrainArgs, for_gpu: bool) -> Path:
     from dimshard.planner.compile import compile_model
     from dimshard.planner.hf import chunked_causal_lm_forward
 
-    model, inputs, dtype, recompute, extra, fused, _ = _compile_request(args, for_gpu)
+    model, inputs, dtype, recompute, extra, fused, options, budget, _ = _compile_request(args, for_gpu)
     start = time.perf_counter()
     result = compile_model(
         model, inputs, args.compile_dir, plan_ngpus=args.plan_ngpus, policy=args.policy, recompute=recompute,
-        param_dtype=dtype, memory_budget_gb=args.memory_budget_gb, extra_fingerprint=extra,
-        forward_fn=chunked_causal_lm_forward(args.loss_chunk_size), fused_kernels=fused,
+        param_dtype=dtype, memory_budget_gb=budget, extra_fingerprint=extra,
+        forward_fn=chunked_causal_lm_forward(args.loss_chunk_size), fused_kernels=fused, policy_options=options,
     )
     _log(f"compiled {len(result.graph.ops)} ops under policy '{result.plan.name}' on mesh "
          f"{dict(zip(result.plan.mesh.axis_names, result.plan.mesh.shape))} in {time.perf_counter() - start:.1f}s "

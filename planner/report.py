@@ -1,0 +1,197 @@
+"""Explain a plan: ``plan_report.md``, a markdown page a person reads to see what the planner chose and why.
+
+It shows the mesh, the split of every op of one decoder layer (all layers share it under ``auto``;
+for other policies layer 0 is shown), the collectives of one layer with their bytes, the estimated
+step time split into compute and communication, peak memory per GPU by category, the recompute
+choice, and, for ``auto``, the runner-up plans with their estimates. Works for any plan.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cost import GB, Estimate, HardwareProfile, default_hw_profile, estimate, load_hw_profile
+from .graph import Graph
+from .plan import ResolvedPlan, Shard
+from .policies import PolicyContext, decoder_layer_scopes
+
+PEAK_TFLOPS = 989.0  # dense bf16 peak of H100/H200, the MFU denominator of DESIGN.md "Measuring"
+
+
+def _ms(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:,.1f} us"
+    return f"{seconds * 1e3:,.1f} ms" if seconds < 10 else f"{seconds:,.2f} s"
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.2f} {unit}"
+    return f"{nbytes:,.0f} B"
+
+
+def _split_text(resolved: ResolvedPlan, op_index: int) -> str:
+    mesh = resolved.plan.mesh
+    parts = [f"{axis}:{name}" for axis, name in zip(mesh.axis_names, resolved.plan.split_of(op_index))
+             if name is not None]
+    return ", ".join(parts) or "-"
+
+
+def _placement_text(placement: tuple) -> str:
+    return "(" + ", ".join(f"S{p.dim}" if isinstance(p, Shard) else type(p).__name__[0] for p in placement) + ")"
+
+
+def _short_name(name: str) -> str:
+    for prefix in ("torch.nn.functional.", "torch.Tensor.", "torch."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _compress_scopes(scopes: list[str], layer_scopes: list[str]) -> str:
+    """``model.layers.0 .. model.layers.25 (26 of 32 layers)`` when the scopes are the first k layers."""
+    if not scopes:
+        return "none"
+    k = len(scopes)
+    if layer_scopes and scopes == layer_scopes[:k]:
+        if k == len(layer_scopes):
+            return f"every decoder layer ({k})"
+        return f"the first {k} of {len(layer_scopes)} decoder layers ({scopes[0]} .. {scopes[-1]})"
+    return ", ".join(scopes)
+
+
+def model_mfu(graph: Graph, est: Estimate, plan_ngpus: int, peak_tflops: float = PEAK_TFLOPS) -> float | None:
+    """MFU of one step by DESIGN.md's formula ``3*2*(N*S + 2*L*H*S^2)`` per sequence, or None if not a decoder.
+
+    N: parameters, L: decoder layers, H: the residual stream's width, S: the input's last dim;
+    sequences: the input's first dim (one micro-batch of one model copy on ``plan_ngpus`` GPUs).
+    """
+    layers = decoder_layer_scopes(graph)
+    if not layers or not graph.inputs or est.step_s <= 0:
+        return None
+    first = graph.tensors[next(iter(graph.inputs.values()))].shape
+    if len(first) != 2:
+        return None
+    batch, seq = first
+    layer_ops = [op for op in graph.ops if op.scope == layers[0] or op.scope.startswith(layers[0] + ".")]
+    hidden = graph.tensors[layer_ops[-1].output_ids()[0]].shape[-1] if layer_ops else 0
+    n = sum(graph.tensors[t].numel for t in graph.parameters.values())
+    flops = 3 * 2 * (n * seq + 2 * len(layers) * hidden * seq * seq) * batch
+    return flops / (est.step_s * plan_ngpus * peak_tflops * 1e12)
+
+
+def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: HardwareProfile,
+                budget_gb: float | None = None, candidates: list | None = None, search_note: str = "") -> str:
+    """The markdown report of a resolved plan with its estimate; ``candidates`` (auto's) add a runner-up table."""
+    plan = resolved.plan
+    mesh = plan.mesh
+    layer_scopes = decoder_layer_scopes(graph)
+    lines = [f"# Plan report: policy `{plan.name}`", ""]
+    lines += [f"Hardware profile `{hw.name}` ({hw.device or 'no description'}); estimates assume no overlap of "
+              "communication with compute. Memory in GB of 10^9 bytes, per GPU.", ""]
+    if search_note:
+        lines += [search_note, ""]
+    lines += ["## Mesh", "", "| axis | size | unit-rank groups |", "|---|---|---|"]
+    for a, (name, size) in enumerate(zip(mesh.axis_names, mesh.shape)):
+        groups = mesh.groups(a)
+        shown = ", ".join(str(g) for g in groups[:4]) + (" ..." if len(groups) > 4 else "")
+        lines.append(f"| {name} | {size} | {shown} |")
+    lines += ["", f"plan_ngpus = {mesh.size}, data-parallel copies = {est.dp_size}.", ""]
+
+    mfu = model_mfu(graph, est, mesh.size)
+    lines += ["## Estimated step", "", "| | time |", "|---|---|",
+              f"| compute (forward, backward, recompute) | {_ms(est.compute_s)} |",
+              f"| communication (activations) | {_ms(est.comm_s)} |",
+              f"| gradient and parameter sync | {_ms(est.grad_sync_s)} |",
+              f"| optimizer | {_ms(est.optimizer_s)} |",
+              f"| **step** | **{_ms(est.step_s)}** |", ""]
+    if mfu is not None:
+        lines += [f"Estimated MFU {mfu * 100:.1f}% (DESIGN.md formula, {PEAK_TFLOPS:.0f} TFLOP/s per GPU).", ""]
+
+    lines += ["## Peak memory per GPU", "", "| category | bytes |", "|---|---|"]
+    for key, value in est.memory.items():
+        lines.append(f"| {key} | {_size(value)} |")
+    budget = f", budget {budget_gb:.1f} GB" if budget_gb is not None else ""
+    lines += [f"| **peak** ({est.peak_phase}) | **{_size(est.peak_bytes)}**{budget} |", ""]
+    lines += [f"Recompute: {_compress_scopes(list(plan.recompute_scopes), layer_scopes)}.", ""]
+
+    root = layer_scopes[0] if layer_scopes else None
+    if root is not None:
+        ops = [op for op in graph.ops if op.scope == root or op.scope.startswith(root + ".")]
+        title = "every decoder layer (shown: layer 0)" if plan.name == "auto" else f"{root}"
+    else:
+        ops = list(graph.ops)
+        title = "the whole graph"
+    lines += [f"## Splits of {title}", "",
+              "| # | op | scope | annotation | split | output placement |", "|---|---|---|---|---|---|"]
+    for op in ops:
+        suffix = op.scope[len(root):].lstrip(".") if root else op.scope
+        outs = resolved.op_outputs[op.index]
+        out = _placement_text(outs[0]) if outs else ""
+        lines.append(f"| {op.index} | {_short_name(op.name)} | {suffix or '.'} | `{op.annotation}` | "
+                     f"{_split_text(resolved, op.index)} | {out} |")
+    lines.append("")
+
+    in_layer = [c for c in est.collectives if root is not None and (
+        graph.ops[c.op_index].scope == root or graph.ops[c.op_index].scope.startswith(root + "."))]
+    lines += [f"## Collectives of {root or 'the graph'}", ""]
+    if not in_layer and root is not None:
+        lines += ["None: the layer runs without communication.", ""]
+    else:
+        rows = in_layer if root is not None else est.collectives
+        lines += ["| before op | tensor | collective | axis | bytes per rank | time | pass |", "|---|---|---|---|---|---|---|"]
+        for c in rows:
+            lines.append(f"| {c.op_index} {_short_name(graph.ops[c.op_index].name)} | t{c.tensor_id}"
+                         f"{list(graph.tensors[c.tensor_id].shape)} | {c.kind} | {mesh.axis_names[c.axis]} ({c.group_size}) | "
+                         f"{_size(c.nbytes)} | {_ms(c.seconds)} | {c.phase} |")
+        if root is not None:
+            total_b = sum(c.nbytes for c in rows)
+            total_t = sum(c.seconds for c in rows)
+            lines += ["", f"Per layer: {_size(total_b)} per rank in {_ms(total_t)} (forward and backward; a "
+                      "recomputed layer repeats its forward collectives)."]
+        lines.append("")
+    others = [c for c in est.collectives if c not in in_layer and not any(
+        graph.ops[c.op_index].scope == s or graph.ops[c.op_index].scope.startswith(s + ".") for s in layer_scopes)]
+    if root is not None and others:
+        lines += ["Outside the decoder layers: " + ", ".join(
+            f"{c.kind} of t{c.tensor_id} before op {c.op_index} ({_size(c.nbytes)}, {c.phase})" for c in others) + ".",
+            ""]
+
+    if candidates:
+        lines += ["## Runner-up plans", "",
+                  "| mesh | recompute | step | compute | comm | peak memory | fits | found by |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in candidates:
+            e = c.estimate
+            m = c.plan.mesh
+            mesh_text = " x ".join(f"{n}={s}" for n, s in zip(m.axis_names, m.shape))
+            k = len(c.plan.recompute_scopes)
+            lines.append(f"| {mesh_text} | {k}/{len(layer_scopes)} layers | {_ms(e.step_s)} | {_ms(e.compute_s)} | "
+                         f"{_ms(e.comm_s)} | {_size(e.peak_bytes)} | {'yes' if c.feasible else 'no'} | {c.note} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_plan_report(graph: Graph, resolved: ResolvedPlan, ctx: PolicyContext, path: str | Path) -> str:
+    """Write ``plan_report.md`` for any policy's resolved plan and return its text.
+
+    Uses the auto search's result (estimates and runner-ups) when ``ctx.extra["auto_search"]`` holds
+    it; otherwise estimates the plan with ``ctx.extra["hw_profile"]`` (default: ``default_hw_profile()``)
+    and ``ctx.extra["dp_size"]`` (default 1).
+    """
+    extra = ctx.extra or {}
+    result = extra.get("auto_search")
+    if result is not None and result.best.plan is resolved.plan:
+        hw = result.hw
+        est = result.best.estimate
+        note = (f"Searched in {result.seconds:.1f} s ({result.solves} exact solves"
+                + (f"; one plan for all {result.layers_planned_once} identical layers" if result.layers_planned_once
+                   else "") + ").")
+        text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, result.candidates, note)
+    else:
+        hw = load_hw_profile(extra["hw_profile"]) if extra.get("hw_profile") is not None else default_hw_profile()
+        est = estimate(graph, resolved, hw, int(extra.get("dp_size", 1)), bool(extra.get("zero", True)))
+        text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb)
+    Path(path).write_text(text)
+    return text
