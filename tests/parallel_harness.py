@@ -45,9 +45,10 @@ def rank_step(compile_dir: str, weights_file: str, input_ids: torch.Tensor, opti
     The batch is split over the data-parallel copies; gradients are summed over each shard's
     holders and averaged over copies, as docs/contract.md prescribes.
     """
+    from safetensors.torch import load_file
+
     from dimshard.runtime.distributed import init_parallel
     from dimshard.runtime.module import load_parallel_module, read_plan
-    from safetensors.torch import load_file
 
     plan = read_plan(compile_dir)
     ctx = init_parallel(plan)

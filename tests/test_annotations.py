@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from dimshard.planner.annotations import AnnotationError, parse_annotation
 
 

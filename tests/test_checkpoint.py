@@ -8,14 +8,15 @@ import os
 
 import pytest
 import torch.distributed as dist
+from dist_utils import run_distributed
+from test_trainer_toy import SEQ, make_module, save_dataset, token_rows, toy_plan
+
 from dimshard.runtime import checkpoint
 from dimshard.runtime.checkpoint import CheckpointError, load_checkpoint
 from dimshard.runtime.data import load_token_dataset
 from dimshard.runtime.optimizer import ZeroAdamW
 from dimshard.runtime.train_config import TrainConfig
 from dimshard.runtime.trainer import train
-from dist_utils import run_distributed
-from test_trainer_toy import SEQ, make_module, save_dataset, token_rows, toy_plan
 
 
 def _config(tmp_path, name: str, **overrides) -> TrainConfig:

@@ -7,10 +7,11 @@ import re
 
 import pytest
 import torch
+from parallel_harness import mini_llama_config
+
 from dimshard.planner.compile import compile_model
 from dimshard.planner.plan import PARTIAL, REPLICATE, Mesh, Plan, PlanError, Shard, resolve_placements
 from dimshard.planner.redistribute import redistribution_steps
-from parallel_harness import mini_llama_config
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,9 @@ def test_mesh_groups_are_row_major():
 
 
 def test_uneven_split_is_a_clear_error():
-    from dimshard.planner import trace
     from transformers import LlamaForCausalLM
+
+    from dimshard.planner import trace
 
     model = LlamaForCausalLM(mini_llama_config(num_attention_heads=6, num_key_value_heads=6, hidden_size=48))
     ids = torch.randint(0, 128, (1, 8))

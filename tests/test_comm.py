@@ -18,10 +18,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_distributed
+
 from dimshard.runtime import comm
 from dimshard.runtime.comm import all_gather, all_reduce, all_to_all, local_slice, reduce_scatter, scale_grad
 from dimshard.runtime.distributed import destroy_parallel, init_parallel
-from dist_utils import run_distributed
 
 # ----------------------------------------------------------------------------------------------
 # placements on a mesh: "S<dim>" shard, "R" replicate, "P" partial (sum)

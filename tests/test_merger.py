@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import run_distributed
+from safetensors import safe_open
+from test_trainer_toy import SEQ, make_module, reference_run, save_dataset, token_rows, toy_plan
+
 from dimshard.runtime.checkpoint import read_merged_metadata, save_checkpoint
 from dimshard.runtime.data import load_token_dataset
 from dimshard.runtime.distributed import init_parallel
@@ -17,9 +21,6 @@ from dimshard.runtime.module import ParallelModule
 from dimshard.runtime.optimizer import ZeroAdamW
 from dimshard.runtime.train_config import TrainConfig
 from dimshard.runtime.trainer import train
-from dist_utils import run_distributed
-from safetensors import safe_open
-from test_trainer_toy import SEQ, make_module, reference_run, save_dataset, token_rows, toy_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGER = ROOT / "tools" / "ckpt_merger.py"

@@ -9,11 +9,12 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from dimshard.planner import TraceError, register_op, trace
 from dimshard.planner.compile import compile_model
 from dimshard.runtime.distributed import destroy_parallel, init_parallel
 from dimshard.runtime.module import load_parallel_module, read_plan
-from safetensors.torch import load_file
 
 
 @pytest.fixture(autouse=True)

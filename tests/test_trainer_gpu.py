@@ -22,11 +22,12 @@ STEPS = 4
 
 
 def _worker(out_dir: str) -> None:
+    from test_trainer_toy import RowsDataset, ToyModule, full_state, token_rows, toy_plan
+
     from dimshard.runtime.checkpoint import merge_checkpoint, save_merged
     from dimshard.runtime.distributed import init_parallel
     from dimshard.runtime.train_config import TrainConfig
     from dimshard.runtime.trainer import train
-    from test_trainer_toy import RowsDataset, ToyModule, full_state, token_rows, toy_plan
 
     out = Path(out_dir)
     rows = RowsDataset(token_rows())

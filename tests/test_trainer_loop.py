@@ -7,10 +7,6 @@ import sys
 
 import pytest
 import torch
-from dimshard.runtime.data import MicroBatchStream, load_token_dataset
-from dimshard.runtime.metrics import MetricsLogger, model_flops_utilization
-from dimshard.runtime.train_config import TrainConfig
-from dimshard.runtime.trainer import train
 from dist_utils import run_distributed
 from test_trainer_toy import (
     SEQ,
@@ -21,6 +17,11 @@ from test_trainer_toy import (
     token_rows,
     toy_plan,
 )
+
+from dimshard.runtime.data import MicroBatchStream, load_token_dataset
+from dimshard.runtime.metrics import MetricsLogger, model_flops_utilization
+from dimshard.runtime.train_config import TrainConfig
+from dimshard.runtime.trainer import train
 
 
 def _train(config: TrainConfig, dataset_path: str) -> list[dict]:

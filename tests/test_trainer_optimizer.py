@@ -8,10 +8,6 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from dimshard.runtime.data import MicroBatchStream
-from dimshard.runtime.grad_reducer import GradReducer
-from dimshard.runtime.module import take_slice
-from dimshard.runtime.optimizer import ZeroAdamW
 from dist_utils import run_distributed
 from test_trainer_toy import (
     RowsDataset,
@@ -20,6 +16,11 @@ from test_trainer_toy import (
     token_rows,
     toy_plan,
 )
+
+from dimshard.runtime.data import MicroBatchStream
+from dimshard.runtime.grad_reducer import GradReducer
+from dimshard.runtime.module import take_slice
+from dimshard.runtime.optimizer import ZeroAdamW
 
 STEPS, LR, WD, BETAS = 3, 1e-2, 0.1, (0.9, 0.95)
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from dimshard.runtime.lr_schedule import lr_at
 from dimshard.runtime.metrics import flops_per_sequence, model_flops_utilization
 from dimshard.runtime.train_config import TrainConfig, resolve_dtype, resolve_peak_tflops

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dist_utils import run_distributed
+
 from dimshard.runtime import comm
 from dimshard.runtime.data import MicroBatchStream
 from dimshard.runtime.distributed import init_parallel
 from dimshard.runtime.lr_schedule import lr_at
 from dimshard.runtime.module import ParallelModule, take_slice
-from dist_utils import run_distributed
 
 VOCAB, DIM, HIDDEN, SEQ = 32, 8, 16, 8
 
