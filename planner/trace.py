@@ -135,11 +135,12 @@ class _Recorder(TorchFunctionMode):
 
     def _to_meta(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            if x.is_meta:
-                return x
+            # A parameter first, even one already on meta: its traced copy carries param_dtype.
             cached = self.meta_params.get(id(x))
             if cached is not None:
                 return cached
+            if x.is_meta:
+                return x
             meta = torch.empty_like(x, device="meta").requires_grad_(x.requires_grad)
             self.nodes[id(meta)] = self.lookup(x)
             self.alive.append(meta)

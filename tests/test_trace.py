@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from parallel_harness import mini_llama_config
 from safetensors.torch import load_file
 
 from dimshard.planner import TraceError, register_op, trace
@@ -168,3 +169,23 @@ def test_trace_llama3_8b_config_at_128k_tokens_is_fast_and_small():
     assert stats["peak_rss_mb"] < 2048, stats
     assert stats["seconds"] < 60, stats
 
+
+
+def test_param_dtype_applies_to_a_model_built_on_meta():
+    # build_on_meta gives float32 meta parameters; traced under param_dtype=bfloat16 every
+    # activation, and every cast the model makes to its activations' dtype (the rotary tables),
+    # must be bf16, as the runtime will run it. Reading the fp32 meta parameter instead would
+    # record fp32 casts and make attention see fp32 queries next to bf16 values.
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(mini_llama_config())
+    ids = torch.randint(0, 128, (1, 8))
+    graph = trace(model, {"input_ids": ids, "labels": ids.clone()}, param_dtype=torch.bfloat16)
+    embedding = next(op for op in graph.ops if op.name == "torch.nn.functional.embedding")
+    assert graph.tensors[embedding.output_ids()[0]].dtype == torch.bfloat16
+    casts = [op.kwargs["dtype"] for op in graph.ops
+             if op.name == "torch.Tensor.to" and "rotary_emb" in op.scope and "dtype" in op.kwargs]
+    assert casts and torch.bfloat16 in casts and all(d in (torch.bfloat16, torch.float32) for d in casts)
+    sdpa = [op for op in graph.ops if op.name.endswith("scaled_dot_product_attention")]
+    assert sdpa and all({graph.tensors[t].dtype for t in op.input_ids()[:3]} == {torch.bfloat16} for op in sdpa)
