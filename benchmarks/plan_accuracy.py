@@ -42,7 +42,7 @@ class AccuracyArgs:
     num_heads: int = field(default=0, metadata={"help": "attention heads; default 32 (cpu: 8)"})
     num_kv_heads: int = field(default=0, metadata={"help": "key/value heads; default 8 (cpu: 4)"})
     vocab_size: int = field(default=0, metadata={"help": "vocabulary size; default 128256 (cpu: 256)"})
-    loss_chunk_size: int = field(default=4096, metadata={"help": "tokens per chunk of the chunked loss"})
+    loss_chunk_size: int = field(default=0, metadata={"help": "tokens per chunk of the chunked loss; 0: automatic"})
     fused_kernels: str = field(default="auto", metadata={"help": "fused RMSNorm/SwiGLU/rotary: auto (on for cuda), on, off"})
     memory_budget_gb: float = field(default=0.0, metadata={"help": "per-GPU budget for auto (0: none)"})
     hw_profile: str = field(default="", metadata={"help": "cost-model profile name or JSON; default: this GPU's (cpu: cpu)"})

@@ -37,7 +37,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory_budget_gb", type=float, default=None, help="budget for the auto policy")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    p.add_argument("--loss_chunk_size", type=int, default=4096, help="tokens per chunk of the chunked loss")
+    p.add_argument("--loss_chunk_size", type=int, default=0, help="tokens per chunk of the chunked loss; 0: automatic")
     p.add_argument("--fused_kernels", choices=("on", "off"), default="on",
                    help="trace RMSNorm/SwiGLU/rotary as the fused Triton kernels (as train.py does on GPU)")
     p.add_argument("--compile_dir", default="/tmp/dimshard_bench", help="where the compile output is written")

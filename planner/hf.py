@@ -42,13 +42,17 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
-def chunked_causal_lm_forward(chunk_size: int = 1024) -> Callable[..., torch.Tensor]:
+def chunked_causal_lm_forward(chunk_size: int | None = None) -> Callable[..., torch.Tensor]:
     """A ``forward_fn`` for ``compile_model``: decoder, then the chunked linear cross-entropy.
+
+    ``chunk_size`` tokens per chunk of logits; None or 0: the kernel's automatic choice.
 
     Returns the mean loss over non-ignored next-token targets, like the model's own loss, but
     never materialises the [batch, sequence, vocabulary] logits.
     """
     from dimshard.kernels import chunk_linear_cross_entropy
+
+    chunk_size = chunk_size or None
 
     def forward(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state

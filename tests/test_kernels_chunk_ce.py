@@ -179,7 +179,10 @@ def test_bf16_is_as_close_as_eager_bf16(device, grad_kind, precompute_grad):
 
 
 def test_bf16_weight_gradient_over_many_chunks_is_as_close_as_eager():
-    # The precompute path adds each chunk's bf16 product into the residual: 256 chunks here.
+    # The precompute path adds each chunk's bf16 product into the residual and renormalises every
+    # 4 chunks: 256 chunks here. The result is a bf16 tensor, so its own final rounding (all of
+    # eager's error) is the floor; the residual's roundings may add up to 3/4 of that again
+    # (measured: 1.25x eager renormalising after every chunk, 1.54x every 4 chunks).
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(1, 4096, 64, generator=gen).to(torch.bfloat16)
     weight = (torch.randn(300, 64, generator=gen) / 8).to(torch.bfloat16)
@@ -187,7 +190,7 @@ def test_bf16_weight_gradient_over_many_chunks_is_as_close_as_eager():
     ours = _loss_and_grads(chunk_linear_cross_entropy, hidden, weight, labels, "mean", chunk_size=16)
     eager = _loss_and_grads(chunk_linear_cross_entropy_reference, hidden, weight, labels, "mean")
     exact = _reference(hidden, weight, labels, "mean")
-    assert _relative_error(ours[2], exact[2]) <= 1.5 * _relative_error(eager[2], exact[2])
+    assert _relative_error(ours[2], exact[2]) <= 1.75 * _relative_error(eager[2], exact[2])
 
 
 def test_padding_idx_inside_vocabulary():

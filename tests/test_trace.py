@@ -44,7 +44,7 @@ def test_single_rank_module_equals_hf_model(tmp_path, kind):
     labels = ids.clone()
     labels[0, :3] = -100  # ignored positions must be handled like the original
     compile_model(model, {"input_ids": ids, "labels": labels}, tmp_path, plan_ngpus=1, policy="dp")
-    ctx = init_parallel(read_plan(tmp_path))
+    ctx = init_parallel(read_plan(tmp_path), backend="gloo")  # on the CPU, like the reference model
     module = load_parallel_module(tmp_path, ctx)
     module.load_full_state_dict(model.state_dict())
     new_ids = torch.randint(0, 96, (2, 24))  # other values, same shapes: the graph must not bake them in
@@ -104,7 +104,7 @@ def test_register_op_is_one_op_and_still_callable(tmp_path):
     compile_model(model, {"input_ids": ids, "labels": ids}, tmp_path, plan_ngpus=1, policy="dp")
     assert "from tests.test_trace import _token_loss" in (tmp_path / "gencode" / "rank0.py").read_text() or \
         "import _token_loss" in (tmp_path / "gencode" / "rank0.py").read_text()
-    ctx = init_parallel(read_plan(tmp_path))
+    ctx = init_parallel(read_plan(tmp_path), backend="gloo")  # on the CPU, like the reference model
     module = load_parallel_module(tmp_path, ctx)
     module.load_full_state_dict(model.state_dict())
     assert torch.allclose(module(ids, ids), eager, atol=1e-6)

@@ -32,7 +32,10 @@ from dimshard.runtime.train_config import TrainConfig  # noqa: E402
 class TrainArgs(TrainConfig):
     """The trainer's flags plus what this example adds."""
 
-    loss_chunk_size: int = field(default=1024, metadata={"help": "tokens per chunk of the chunked cross-entropy"})
+    loss_chunk_size: int = field(
+        default=0, metadata={"help": "tokens per chunk of the chunked cross-entropy; 0: automatic (640 MiB of "
+                                     "logits, 2560 tokens at Llama-3's vocabulary in bf16)"}
+    )
     fused_kernels: str = field(
         default="auto", metadata={"help": "trace RMSNorm/SwiGLU/rotary as fused kernels: auto (on for GPU), on, off",
                                   "choices": ("auto", "on", "off")}
@@ -45,6 +48,12 @@ class TrainArgs(TrainConfig):
     init_seed: int = field(
         default=0, metadata={"help": "seed for random weights when --model_id holds a config but no weights"}
     )
+
+    def validate(self) -> None:
+        """The trainer's checks plus this example's flags."""
+        super().validate()
+        if self.loss_chunk_size < 0:
+            raise ValueError(f"--loss_chunk_size must be >= 0 (0: automatic), got {self.loss_chunk_size}")
 
 
 def _log(message: str) -> None:
