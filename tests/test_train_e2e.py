@@ -71,6 +71,9 @@ LAYOUTS = {
     "dp2": (2, ["--plan_ngpus", "1", "--runtime_ngpus", "2", "--policy", "dp", "--micro_batch_size", "2"]),
     "tp2": (2, ["--plan_ngpus", "2", "--runtime_ngpus", "2", "--policy", "tp", "--micro_batch_size", "4"]),
     "tp2x2_zero": (4, ["--plan_ngpus", "2", "--runtime_ngpus", "4", "--policy", "tp_sp", "--micro_batch_size", "2"]),
+    # The planner's own choice of mesh, splits and recompute must train exactly the same.
+    "auto2": (2, ["--plan_ngpus", "2", "--runtime_ngpus", "2", "--policy", "auto", "--micro_batch_size", "4",
+                  "--hw_profile", "h100"]),
     "accumulate": (1, ["--plan_ngpus", "1", "--runtime_ngpus", "1", "--policy", "dp", "--micro_batch_size", "2",
                        "--grad_accumulation_steps", "2"]),
 }
@@ -83,6 +86,11 @@ def test_layouts_log_the_same_losses(workdir):
         results[tag] = _losses(workdir, tag)
     reference = results["single"]
     assert len(reference) == 5 and reference[-1] < reference[0]
+    # Every compile explains its plan; auto's report names the search and its runner-ups.
+    for tag in LAYOUTS:
+        assert (workdir / tag / "compile" / "plan_report.md").is_file(), tag
+    report = (workdir / "auto2" / "compile" / "plan_report.md").read_text()
+    assert "policy `auto`" in report and "## Runner-up plans" in report
     for tag, losses in results.items():
         for a, b in zip(losses, reference):
             assert abs(a - b) <= 1e-4 * abs(b), (tag, losses, reference)
