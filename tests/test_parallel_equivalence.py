@@ -2,7 +2,9 @@
 
 For each built-in policy and rank count the loss, the merged gradients and the parameters after
 one SGD / AdamW step match the single-process run of the Hugging Face model within float32
-tolerance.
+tolerance. Cases marked ``chunked`` train with the loss of ``train.py`` (the decoder, then
+``dimshard.kernels.chunk_linear_cross_entropy`` on shifted labels) and are still compared with
+the Hugging Face model's own loss.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dimshard.planner.compile import compile_model
 TOL = 1e-5
 
 CASES = [
-    # (policy, plan_ngpus, runtime_ngpus, recompute, optimizer, fused kernels)
+    # (policy, plan_ngpus, runtime_ngpus, recompute, optimizer, fused kernels[, "chunked"])
     ("dp", 1, 2, "none", "adamw", False),
     ("tp", 2, 2, "none", "sgd", False),
     ("tp", 4, 4, "layer", "adamw", False),
@@ -29,12 +31,17 @@ CASES = [
     ("tp", 2, 4, "none", "adamw", False),
     ("tp", 2, 2, "layer", "sgd", True),
     ("tp_sp", 4, 4, "none", "adamw", True),
+    ("tp_sp", 2, 2, "layer", "adamw", False, "chunked"),  # the loss op split by sequence
+    ("tp", 2, 4, "none", "sgd", True, "chunked"),  # and by batch across data-parallel copies
 ]
 
 
-@pytest.mark.parametrize("policy,plan_ngpus,world,recompute,optimizer,fused", CASES)
-def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, recompute, optimizer, fused):
+@pytest.mark.parametrize("policy,plan_ngpus,world,recompute,optimizer,fused,loss",
+                         [c if len(c) == 7 else (*c, "model") for c in CASES])
+def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, recompute, optimizer, fused, loss):
     from transformers import LlamaForCausalLM
+
+    from dimshard.planner.hf import chunked_causal_lm_forward
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(mini_llama_config())
@@ -42,7 +49,11 @@ def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, re
     dp_size = world // plan_ngpus
     example = input_ids[: 4 // dp_size]
     compile_model(model, {"input_ids": example, "labels": example.clone()}, tmp_path / "out",
-                  plan_ngpus=plan_ngpus, policy=policy, recompute=recompute, fused_kernels=fused)
+                  plan_ngpus=plan_ngpus, policy=policy, recompute=recompute, fused_kernels=fused,
+                  # 5 tokens per chunk: chunks that divide neither the sequence nor a rank's share of it
+                  forward_fn=chunked_causal_lm_forward(5) if loss == "chunked" else None)
+    if loss == "chunked":
+        assert "chunk_linear_cross_entropy(" in (tmp_path / "out" / "gencode" / "rank1.py").read_text()
     save_weights(model, tmp_path / "weights.safetensors")
     lr = 1e-2 if optimizer == "sgd" else 1e-3  # Adam's first step is sign-like: keep it small
     ref = reference_step(copy.deepcopy(model), input_ids, optimizer, lr)
