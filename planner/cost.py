@@ -500,6 +500,7 @@ class _Region:
     forward_flops: float = 0.0
     saved: dict[tuple, float] = field(default_factory=dict)  # kept for backward when not recomputed
     inputs: dict[tuple, float] = field(default_factory=dict)  # kept when recomputed
+    produced: set[int] = field(default_factory=set)  # tensors its ops write
 
 
 @dataclass
@@ -522,21 +523,50 @@ class PlanAnalysis:
     dp_size: int
     hw_name: str
 
-    def estimate(self, recompute_scopes: list[str]) -> Estimate:
-        """The estimate with these scopes recomputed (each must be one of the analysed regions)."""
-        unknown = [s for s in recompute_scopes if s not in self.regions]
+    def _recomputed_groups(self, recompute_scopes: list[str]) -> dict[str, list[_Region]]:
+        """Each recomputed scope with the analysed regions inside it (itself, nested ones like its MLP).
+
+        A scope inside another recomputed scope adds nothing: the outer checkpoint holds it, as in
+        codegen, where an op belongs to the first scope of the list that contains it.
+        """
+        outer = [s for s in dict.fromkeys(recompute_scopes)
+                 if not any(o != s and s.startswith(o + ".") for o in recompute_scopes)]
+        groups = {s: [r for name, r in self.regions.items() if name == s or name.startswith(s + ".")]
+                  for s in outer}
+        unknown = [s for s, members in groups.items() if not members]
         if unknown:
             raise ValueError(f"recompute scopes {unknown} were not analysed; pass them to analyze(regions=...)")
-        chosen = set(recompute_scopes)
+        return groups
+
+    def estimate(self, recompute_scopes: list[str]) -> Estimate:
+        """The estimate with these scopes recomputed (each must be, or hold, an analysed region).
+
+        A recomputed scope keeps only what flows into it from outside, so a decoder layer analysed
+        as two regions (the layer's own ops and its MLP) and recomputed whole keeps its input only.
+        """
+        groups = self._recomputed_groups(recompute_scopes)
+        covered = {r.scope for members in groups.values() for r in members}
         kept: dict[tuple, tuple[int, float]] = {}  # key -> (position, bytes); first position wins
+
+        def keep(key: tuple, pos: int, nbytes: float) -> None:
+            if key not in kept or kept[key][0] > pos:
+                kept[key] = (pos, nbytes)
+
         for pos, key, nbytes in self.other_saved:
             kept.setdefault(key, (pos, nbytes))
         for region in self.regions.values():
-            items = region.inputs if region.scope in chosen else region.saved
-            for key, nbytes in items.items():
-                pos = region.start if region.scope in chosen else region.start + 1
-                if key not in kept or kept[key][0] > pos:
-                    kept[key] = (pos, nbytes)
+            if region.scope not in covered:
+                for key, nbytes in region.saved.items():
+                    keep(key, region.start + 1, nbytes)
+        starts, again_bytes = {}, {}
+        for scope, members in groups.items():
+            produced = set().union(*(r.produced for r in members))
+            starts[scope] = min(r.start for r in members)
+            again_bytes[scope] = sum(sum(r.saved.values()) for r in members)
+            for r in members:
+                for key, nbytes in r.inputs.items():
+                    if key[0] not in produced:
+                        keep(key, starts[scope], nbytes)
         order = sorted(kept.values())
         positions = [p for p, _ in order]
         prefix = [0.0]
@@ -546,16 +576,16 @@ class PlanAnalysis:
         memory.update(activations=prefix[-1], recompute=0.0, working=self.working_bytes)
         phase = "start of backward"
         best = prefix[-1]
-        for scope in recompute_scopes:
-            region = self.regions[scope]
-            before = prefix[bisect.bisect_right(positions, region.start)]
-            again = sum(region.saved.values())
+        for scope in groups:
+            before = prefix[bisect.bisect_right(positions, starts[scope])]
+            again = again_bytes[scope]
             if before + again > best:
                 best, phase = before + again, f"recomputing {scope}"
                 memory.update(activations=before, recompute=again)
-        extra_c = sum(self.regions[s].forward_compute_s for s in recompute_scopes)
-        extra_m = sum(self.regions[s].forward_comm_s for s in recompute_scopes)
-        extra_f = sum(self.regions[s].forward_flops for s in recompute_scopes)
+        members = [r for group in groups.values() for r in group]
+        extra_c = sum(r.forward_compute_s for r in members)
+        extra_m = sum(r.forward_comm_s for r in members)
+        extra_f = sum(r.forward_flops for r in members)
         return Estimate(
             compute_s=self.base_compute_s + extra_c, comm_s=self.base_comm_s + extra_m,
             grad_sync_s=self.grad_sync_s, optimizer_s=self.optimizer_s, memory=memory, peak_phase=phase,
@@ -576,14 +606,17 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
     """Cost every op, collective and parameter of a resolved plan once.
 
     ``regions`` are the scopes that may be recomputed (default: the plan's recompute scopes, then
-    the decoder layers); an op belongs to the first that contains its scope, as in codegen.
+    the decoder layers); an op belongs to the innermost that contains its scope.
     """
     from .policies import decoder_layer_scopes
 
     plan = resolved.plan
     mesh = plan.mesh
     if regions is None:
-        regions = list(dict.fromkeys(list(plan.recompute_scopes) + decoder_layer_scopes(graph)))
+        regions = list(plan.recompute_scopes) + decoder_layer_scopes(graph)
+    # Nested scopes first (a layer's MLP before the layer), so that an op lands in the innermost
+    # analysed region; ``estimate`` merges the regions inside a scope recomputed whole.
+    regions = sorted(dict.fromkeys(regions), key=lambda r: -r.count("."))
     region_info = {r: _Region(r) for r in regions}
     compute = comm = flops = 0.0
     working = 0.0
@@ -607,6 +640,7 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
             region.start = min(region.start, op.index)
             region.forward_compute_s += cost.forward_s
             region.forward_flops += cost.flops
+            region.produced.update(op.output_ids())
         for tid, want in zip(in_ids, ins):
             t = graph.tensors[tid]
             have = resolved.stored[tid]

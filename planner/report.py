@@ -49,16 +49,40 @@ def _short_name(name: str) -> str:
     return name
 
 
+def _split_layers_and_mlps(scopes: list[str], layer_scopes: list[str]) -> tuple[int, int] | None:
+    """(k, m) when ``scopes`` are the first k decoder layers followed by the MLPs of the next m, else None."""
+    k = 0
+    while k < len(scopes) and k < len(layer_scopes) and scopes[k] == layer_scopes[k]:
+        k += 1
+    rest = scopes[k:]
+    if rest != [f"{layer}.mlp" for layer in layer_scopes[k:k + len(rest)]]:
+        return None
+    return k, len(rest)
+
+
 def _compress_scopes(scopes: list[str], layer_scopes: list[str]) -> str:
-    """``model.layers.0 .. model.layers.25 (26 of 32 layers)`` when the scopes are the first k layers."""
+    """``the first 26 of 32 decoder layers (model.layers.0 .. model.layers.25)`` and the like."""
     if not scopes:
         return "none"
-    k = len(scopes)
-    if layer_scopes and scopes == layer_scopes[:k]:
-        if k == len(layer_scopes):
-            return f"every decoder layer ({k})"
-        return f"the first {k} of {len(layer_scopes)} decoder layers ({scopes[0]} .. {scopes[-1]})"
-    return ", ".join(scopes)
+    shape = _split_layers_and_mlps(scopes, layer_scopes) if layer_scopes else None
+    if shape is None:
+        return ", ".join(scopes)
+    k, m = shape
+    n = len(layer_scopes)
+    whole = ("none of the decoder layers whole" if k == 0 else f"every decoder layer ({k})" if k == n
+             else f"the first {k} of {n} decoder layers ({scopes[0]} .. {scopes[k - 1]})")
+    if not m:
+        return whole
+    return f"{whole}; the MLP only of the other {m} ({scopes[k]} .. {scopes[-1]})"
+
+
+def _recompute_column(scopes: list[str], layer_scopes: list[str]) -> str:
+    """Short form for the runner-up table: ``25/32 layers`` or ``10/32 layers + 22 MLPs``."""
+    shape = _split_layers_and_mlps(scopes, layer_scopes) if layer_scopes else None
+    if shape is None:
+        return f"{len(scopes)} scopes"
+    k, m = shape
+    return f"{k}/{len(layer_scopes)} layers" + (f" + {m} MLPs" if m else "")
 
 
 def model_mfu(graph: Graph, est: Estimate, plan_ngpus: int, peak_tflops: float = PEAK_TFLOPS) -> float | None:
@@ -166,8 +190,8 @@ def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwar
             e = c.estimate
             m = c.plan.mesh
             mesh_text = " x ".join(f"{n}={s}" for n, s in zip(m.axis_names, m.shape))
-            k = len(c.plan.recompute_scopes)
-            lines.append(f"| {mesh_text} | {k}/{len(layer_scopes)} layers | {_ms(e.step_s)} | {_ms(e.compute_s)} | "
+            recompute = _recompute_column(list(c.plan.recompute_scopes), layer_scopes)
+            lines.append(f"| {mesh_text} | {recompute} | {_ms(e.step_s)} | {_ms(e.compute_s)} | "
                          f"{_ms(e.comm_s)} | {_size(e.peak_bytes)} | {'yes' if c.feasible else 'no'} | {c.note} |")
         lines.append("")
     return "\n".join(lines)

@@ -25,14 +25,15 @@ The search, per candidate mesh (1-D ``n`` and every 2-D ``a x b = n``):
    layers), solved for a geometric range of ``lambda`` and for recompute weights of 0 and all
    layers. Each solution is then evaluated exactly by ``cost.analyze`` for every recompute choice
    (the first k layers recomputed, k = 0..L: the last layers' backward runs first, so theirs is
-   the memory that is freed soonest) and the fastest one within the budget wins.
+   the memory that is freed soonest; and the first k layers whole with only the MLP of each other
+   layer, k = 0..L-1) and the fastest one within the budget wins.
 
 Complexity: per mesh, ``O(#solves * sum over eliminations of the product of the domain sizes in
-the eliminated variable's neighbourhood)`` plus ``O(#solves * #ops * (L + 1))`` for the exact
+the eliminated variable's neighbourhood)`` plus ``O(#solves * #ops * (2L + 1))`` for the exact
 evaluations; #solves <= 2 * (1 + len(LAMBDA_MULTIPLIERS)). Llama-3-8B at 128K on 8 GPUs: 85
 variables, domains <= 4 splits (mesh 8) or <= 13 (4 x 2), largest table 2e3 / 3e5 entries, 0.02-0.03
-s per solve; the whole search (24 solves and their full-graph evaluations) about 6 s on one CPU
-core. The mini Llama on 2 x 2 (batch splittable too): domains <= 21, largest table 1e7, 0.3 s.
+s per solve; the whole search (24 solves and their full-graph evaluations of 65 recompute
+choices) about 21 s on one core of the 2-core CI machine. The mini Llama on 2 x 2 (batch splittable too): domains <= 21, largest table 1e7, 0.3 s.
 
 Options read from ``PolicyContext``: ``plan_ngpus``, ``memory_budget_gb`` (10^9 bytes; None: no
 limit), ``recompute`` (``auto``: searched; ``none``; ``layer``: every layer; or a comma-separated
@@ -601,11 +602,25 @@ def _signature(plan: Plan) -> tuple:
     return plan.mesh.shape, tuple(sorted(plan.splits.items())), tuple(plan.recompute_scopes)
 
 
+def mlp_scopes(graph: Graph, layers: list[str]) -> list[str] | None:
+    """``<layer>.mlp`` for every decoder layer, when every layer has such a child scope, else None."""
+    scopes = {op.scope for op in graph.ops}
+    mlps = [f"{layer}.mlp" for layer in layers]
+    has = all(any(s == m or s.startswith(m + ".") for s in scopes) for m in mlps)
+    return mlps if layers and has else None
+
+
 def _recompute_choices(graph: Graph, mode: str) -> list[list[str]]:
-    """The recompute scope lists to evaluate: the first k layers for ``auto``, else the one given."""
+    """The recompute scope lists to evaluate; for ``auto`` the first k layers whole, each alone and
+    followed by the MLPs of all the other layers (selective recompute: at long sequences attention
+    dominates the time and the MLP's wide activations the memory), else the one list given."""
     if mode == "auto":
         layers = decoder_layer_scopes(graph)
-        return [layers[:k] for k in range(len(layers) + 1)]
+        choices = [layers[:k] for k in range(len(layers) + 1)]
+        mlps = mlp_scopes(graph, layers)
+        if mlps:
+            choices += [layers[:k] + mlps[k:] for k in range(len(layers))]
+        return choices
     return [recompute_scopes(graph, mode or "none")]
 
 

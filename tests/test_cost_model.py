@@ -121,6 +121,36 @@ def test_estimate_memory_categories_and_recompute(mini):
         recomputed.peak_bytes
 
 
+def test_selective_recompute_of_mlps_and_whole_layers_over_nested_regions(mini):
+    resolved = resolve_placements(mini, POLICIES["tp_sp"](mini, PolicyContext(2)))
+    layers = ["model.layers.0", "model.layers.1"]
+    mlps = [f"{layer}.mlp" for layer in layers]
+    flat = analyze(mini, resolved, HW, regions=layers)
+    nested = analyze(mini, resolved, HW, regions=layers + mlps)  # MLP ops land in the MLP regions
+    assert nested.regions["model.layers.0.mlp"].forward_flops > 0
+    for choice in ([], layers[:1], layers):
+        # A layer recomputed whole keeps its input only, however finely it was analysed.
+        a, b = flat.estimate(choice), nested.estimate(choice)
+        assert (a.compute_s, a.comm_s, a.memory) == pytest.approx((b.compute_s, b.comm_s, b.memory))
+    none, whole, mlp_only = nested.estimate([]), nested.estimate(layers), nested.estimate(mlps)
+    # The MLPs alone: less memory than no recompute, less extra time than whole layers.
+    assert mlp_only.memory["activations"] < none.memory["activations"]
+    assert none.compute_s < mlp_only.compute_s < whole.compute_s
+    assert mlp_only.compute_s == pytest.approx(none.compute_s + sum(nested.regions[m].forward_compute_s for m in mlps))
+    # A scope inside a recomputed scope adds nothing (the outer checkpoint holds it, as in codegen).
+    assert nested.estimate(layers + mlps).compute_s == pytest.approx(whole.compute_s)
+    mixed = nested.estimate(layers[:1] + mlps[1:])
+    assert whole.compute_s > mixed.compute_s > none.compute_s
+
+
+def test_auto_searches_selective_recompute(mini):
+    from dimshard.planner.search import _recompute_choices
+
+    choices = _recompute_choices(mini, "auto")
+    assert ["model.layers.0", "model.layers.1.mlp"] in choices and ["model.layers.0.mlp", "model.layers.1.mlp"] in choices
+    assert len(choices) == 2 * 2 + 1
+
+
 def test_tensor_parallel_estimate_counts_its_all_reduces(mini):
     plan = POLICIES["tp"](mini, PolicyContext(2))
     est = estimate(mini, resolve_placements(mini, plan), HW)

@@ -33,6 +33,8 @@ CASES = [
     ("tp_sp", 4, 4, "none", "adamw", True),
     ("tp_sp", 2, 2, "layer", "adamw", False, "chunked"),  # the loss op split by sequence
     ("tp", 2, 4, "none", "sgd", True, "chunked"),  # and by batch across data-parallel copies
+    # Selective recompute: layer 0 whole, only the MLP of layer 1 (the auto policy's mixed choice).
+    ("tp_sp", 2, 2, "model.layers.0,model.layers.1.mlp", "adamw", False),
 ]
 
 
