@@ -218,6 +218,17 @@ def _fp32_matmul(a: torch.Tensor, b: torch.Tensor, fp32_out: bool) -> torch.Tens
     return (a @ b).float()
 
 
+def _add_weight_grad_(
+    grad: torch.Tensor, residual: torch.Tensor | None, dlogits_t: torch.Tensor, hidden: torch.Tensor, fp32_out: bool
+) -> None:
+    """grad += dlogits_t @ hidden, in fp32: directly for an fp32 weight, else compensated into (grad, residual)."""
+    if residual is None:
+        _add_matmul_(grad, dlogits_t, hidden, fp32_out)
+        return
+    part = _fp32_matmul(dlogits_t, hidden, fp32_out)
+    _compensated_add_(grad, residual, part)
+
+
 def _fold_block(
     logits: torch.Tensor, column: torch.Tensor, lse: torch.Tensor, target_logit: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,18 +347,15 @@ def _loss_and_grads_tiles(
             for v0 in range(0, vocab, vocab_tile):
                 v1 = min(v0 + vocab_tile, vocab)
                 dlogits_t = logits[:, v0:v1].t()
-                if residual is None:
-                    _add_matmul_(grad_weight[v0:v1], dlogits_t, hidden_chunk, fp32_out)
-                elif dlogits_t.dtype == residual.dtype:
+                if residual is not None and dlogits_t.dtype == residual.dtype:
                     # Into the residual inside the product, renormalised every few chunks (see
                     # the module docstring).
                     residual[v0:v1].addmm_(dlogits_t, hidden_chunk)
                     if renormalise:
                         _compensated_add_(grad_weight[v0:v1], residual[v0:v1], None)
                 else:
-                    part = _fp32_matmul(dlogits_t, hidden_chunk, fp32_out)
-                    _compensated_add_(grad_weight[v0:v1], residual[v0:v1], part)
-                    del part
+                    _add_weight_grad_(grad_weight[v0:v1], None if residual is None else residual[v0:v1],
+                                      dlogits_t, hidden_chunk, fp32_out)
     return loss, lse, grad_hidden, grad_weight
 
 
@@ -390,12 +398,8 @@ def _recompute_grads(
             if need_hidden:
                 _add_matmul_(acc_hidden, dlogits, weight_tile, fp32_out)
             if need_weight:
-                if residual is None:
-                    _add_matmul_(grad_weight[v0:v1], dlogits.t(), hidden_tile, fp32_out)
-                else:
-                    part = _fp32_matmul(dlogits.t(), hidden_tile, fp32_out)
-                    _compensated_add_(grad_weight[v0:v1], residual[v0:v1], part)
-                    del part
+                _add_weight_grad_(grad_weight[v0:v1], None if residual is None else residual[v0:v1],
+                                  dlogits.t(), hidden_tile, fp32_out)
             del logits, dlogits
         if need_hidden:
             grad_hidden[t0:t1] = acc_hidden
