@@ -139,8 +139,13 @@ def shipped_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
-def load_hw_profile(spec: str | Path | dict | HardwareProfile) -> HardwareProfile:
-    """A profile from a shipped name (``h200``, ``h100``, ``cpu``), a JSON file path, or a dict."""
+def load_hw_profile(spec: str | Path | dict | HardwareProfile | None) -> HardwareProfile:
+    """A profile from a shipped name (``h200``, ``h100``, ``cpu``), a JSON file path, or a dict.
+
+    None or "" gives ``default_hw_profile()``.
+    """
+    if spec is None or spec == "":
+        return default_hw_profile()
     if isinstance(spec, HardwareProfile):
         return spec
     if isinstance(spec, dict):
@@ -321,16 +326,17 @@ def working_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[T
     if is_chunked_loss(op):
         hidden = local_shape(graph.tensors[op.input_ids()[0]].shape, ins[0], mesh)
         vocab = local_shape(graph.tensors[op.input_ids()[1]].shape, ins[1], mesh)[0]
+        from dimshard.kernels.chunk_linear_cross_entropy import precompute_tile_sizes
+
         chunk = op.kwargs.get("chunk_size", op.args[4] if len(op.args) > 4 else None)
         itemsize = dtype_bytes(graph.tensors[op.input_ids()[0]].dtype)
         tokens = _numel(hidden) // max(hidden[-1], 1)
-        if chunk is None:  # the kernel's automatic chunk: 640 MiB of logits
-            chunk = max(1, 640 * 2**20 // max(1, vocab * itemsize))
+        chunk_tokens, _ = precompute_tile_sizes(tokens, vocab, itemsize, chunk, None)
         # Precompute path: one chunk of logits in the hidden dtype, the hidden and weight gradients
         # taken in the forward and held until the backward, and the weight gradient's rounding
         # residual (low-precision weights).
         weight_numel = _numel(local_shape(graph.tensors[op.input_ids()[1]].shape, ins[1], mesh))
-        total += min(int(chunk), tokens) * vocab * itemsize + _numel(hidden) * itemsize
+        total += chunk_tokens * vocab * itemsize + _numel(hidden) * itemsize
         total += weight_numel * itemsize * (1 if itemsize >= 4 else 2)
     return total
 
@@ -704,5 +710,5 @@ def estimate(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile | str | N
     ``hw`` is a profile, a profile name or path, or None for ``default_hw_profile()``;
     ``dp_size`` is the number of data-parallel copies (runtime_ngpus // plan_ngpus).
     """
-    profile = default_hw_profile() if hw is None else load_hw_profile(hw)
+    profile = load_hw_profile(hw)
     return analyze(graph, resolved, profile, dp_size, zero).estimate(list(resolved.plan.recompute_scopes))

@@ -205,9 +205,7 @@ POLICIES: dict[str, Callable[[Graph, PolicyContext], Plan]] = {"dp": dp, "tp": t
 
 
 def get_policy(name: str) -> Callable[[Graph, PolicyContext], Plan]:
-    """A built-in policy by name: dp, tp, tp_sp, tp_batch, or auto (the search of ``planner/search.py``)."""
-    if name == "auto" and name not in POLICIES:
-        from . import search  # noqa: F401  (registers "auto"; imported late, it imports this module)
+    """A built-in policy by name: dp, tp, tp_sp, tp_batch, or auto (registered by ``planner/search.py``)."""
     if name not in POLICIES:
-        raise PlanError(f"unknown policy '{name}'; choose one of {sorted({*POLICIES, 'auto'})} or pass a function")
+        raise PlanError(f"unknown policy '{name}'; choose one of {sorted(POLICIES)} or pass a function")
     return POLICIES[name]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cost import GB, Estimate, HardwareProfile, default_hw_profile, estimate, load_hw_profile
+from .cost import GB, Estimate, HardwareProfile, estimate, load_hw_profile
 from .graph import Graph
 from .plan import ResolvedPlan, Shard
 from .policies import PolicyContext, decoder_layer_scopes
@@ -214,7 +214,7 @@ def write_plan_report(graph: Graph, resolved: ResolvedPlan, ctx: PolicyContext, 
                    else "") + ").")
         text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, result.candidates, note)
     else:
-        hw = load_hw_profile(extra["hw_profile"]) if extra.get("hw_profile") is not None else default_hw_profile()
+        hw = load_hw_profile(extra.get("hw_profile"))
         est = estimate(graph, resolved, hw, int(extra.get("dp_size", 1)), bool(extra.get("zero", True)))
         text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb)
     Path(path).write_text(text)

@@ -56,7 +56,6 @@ from .cost import (
     SDPA,
     Estimate,
     HardwareProfile,
-    default_hw_profile,
     dtype_bytes,
     is_chunked_loss,
     load_hw_profile,
@@ -665,7 +664,7 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
     """
     start = time.perf_counter()
     extra = ctx.extra or {}
-    hw = load_hw_profile(extra["hw_profile"]) if extra.get("hw_profile") is not None else default_hw_profile()
+    hw = load_hw_profile(extra.get("hw_profile"))
     dp_size, zero = int(extra.get("dp_size", 1)), bool(extra.get("zero", True))
     budget = ctx.memory_budget_gb * GB if ctx.memory_budget_gb is not None else None
     structure = layer_structure(graph)

@@ -96,9 +96,9 @@ def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
     Only ``auto`` depends on the data-parallel degree, so only its compile output is tied to
     ``--runtime_ngpus``.
     """
-    from dimshard.planner.cost import default_hw_profile, load_hw_profile
+    from dimshard.planner.cost import load_hw_profile
 
-    hw = load_hw_profile(args.hw_profile) if args.hw_profile else default_hw_profile()
+    hw = load_hw_profile(args.hw_profile)
     options = {"hw_profile": args.hw_profile or hw.name}
     if args.policy == "auto":
         # The search weighs ZeRO-1's sharded optimizer state; other plans stay valid for any runtime_ngpus.
