@@ -15,17 +15,19 @@ loop has no optimizer and no gradient buffers) next to the measurement
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 import zlib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "llama3_128k"))
+from cli import parse_dataclass_args  # noqa: E402  (the examples' dataclass-to-flags helper)
 
 
 @dataclass
@@ -58,11 +60,7 @@ _CPU_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 8, "num_
 
 def parse_args(argv: list[str] | None = None) -> AccuracyArgs:
     """Flags from the command line, with device-dependent defaults filled in."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(AccuracyArgs):
-        assert f.default is not MISSING
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
-    args = AccuracyArgs(**vars(parser.parse_args(argv)))
+    args = parse_dataclass_args(AccuracyArgs, argv, description=__doc__.split("\n\n")[0])
     shape = _CPU_SHAPE if args.device == "cpu" else _CUDA_SHAPE
     for key, value in shape.items():
         if not getattr(args, key):
@@ -91,29 +89,20 @@ def compile_and_estimate(args: AccuracyArgs, policy: str, recompute: str, seq_le
                          out: Path) -> dict:
     """Compile one configuration into ``out`` and return the cost model's estimate of it."""
     from dimshard.planner.compile import compile_model
-    from dimshard.planner.cost import default_hw_profile, estimate, load_hw_profile
+    from dimshard.planner.cost import estimate, load_hw_profile
     from dimshard.planner.hf import chunked_causal_lm_forward
-    from dimshard.planner.policies import get_policy
-    from dimshard.planner.search import auto
 
-    hw = load_hw_profile(args.hw_profile) if args.hw_profile else default_hw_profile()
+    hw = load_hw_profile(args.hw_profile)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    captured: dict = {}
-
-    def policy_fn(graph, ctx):  # noqa: ANN001, ANN202 — a policy: (Graph, PolicyContext) -> Plan
-        ctx.extra["hw_profile"] = hw
-        captured["ctx"] = ctx
-        return auto(graph, ctx) if policy == "auto" else get_policy(policy)(graph, ctx)
-
-    policy_fn.__name__ = policy
     ids = torch.zeros(1, seq_len, dtype=torch.long)
     start = time.perf_counter()
     result = compile_model(_model(args, seq_len, dtype), {"input_ids": ids, "labels": ids.clone()}, out,
-                           plan_ngpus=plan_ngpus, policy=policy_fn, recompute=recompute, param_dtype=dtype,
+                           plan_ngpus=plan_ngpus, policy=policy, recompute=recompute, param_dtype=dtype,
                            memory_budget_gb=args.memory_budget_gb or None,
                            forward_fn=chunked_causal_lm_forward(args.loss_chunk_size),
-                           fused_kernels=args.fused_kernels == "on" or (args.fused_kernels == "auto" and args.device != "cpu"))
-    search = captured["ctx"].extra.get("auto_search")
+                           fused_kernels=args.fused_kernels == "on" or (args.fused_kernels == "auto" and args.device != "cpu"),
+                           policy_options={"hw_profile": args.hw_profile})
+    search = result.policy_context.extra.get("auto_search")
     est = search.best.estimate if search is not None else estimate(result.graph, result.resolved, hw)
     m = est.memory
     # This loop has no optimizer and no preallocated gradient buffers (its .grad tensors appear as

@@ -27,7 +27,11 @@ FORMAT_VERSION = 1
 
 @dataclass
 class CompileResult:
-    """What ``compile_model`` produced: the folder, the graph, the plan and its placements."""
+    """What ``compile_model`` produced: the folder, the graph, the plan and its placements.
+
+    ``policy_context`` is the context the policy was called with; what a policy leaves in its
+    ``extra`` stays there (``auto`` leaves its search result under ``"auto_search"``).
+    """
 
     output_dir: Path
     graph: Graph
@@ -35,6 +39,7 @@ class CompileResult:
     resolved: ResolvedPlan
     fingerprint: str
     seconds: float
+    policy_context: PolicyContext
 
 
 def _config_dict(model: torch.nn.Module) -> dict:
@@ -189,4 +194,4 @@ def compile_model(
     tmp = output_dir / "plan.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(output_dir / "plan.json")
-    return CompileResult(output_dir, graph, plan, resolved, fingerprint, time.perf_counter() - start)
+    return CompileResult(output_dir, graph, plan, resolved, fingerprint, time.perf_counter() - start, ctx)

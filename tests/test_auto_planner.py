@@ -63,15 +63,6 @@ def test_layers_share_one_plan(mini_graph):
     assert plan.name == "auto" and "auto" in POLICIES
 
 
-def _auto_with(**extra):
-    def policy(graph, ctx):
-        ctx.extra.update(extra)
-        return auto(graph, ctx)
-
-    policy.__name__ = "auto"
-    return policy
-
-
 def _peak_gb(graph, plan_ngpus: int) -> float:
     return search(graph, PolicyContext(plan_ngpus, "auto", None, {"hw_profile": "h100"})).best.estimate.peak_gb
 
@@ -93,8 +84,8 @@ def test_auto_plan_matches_single_process(tmp_path, mini_graph, plan_ngpus, reco
     input_ids = torch.randint(0, 128, (4, 16))
     budget = None if budget_fraction is None else budget_fraction * _peak_gb(mini_graph, plan_ngpus)
     result = compile_model(model, {"input_ids": input_ids, "labels": input_ids.clone()}, tmp_path / "out",
-                           plan_ngpus=plan_ngpus, policy=_auto_with(hw_profile="h100", **extra),
-                           recompute=recompute, memory_budget_gb=budget)
+                           plan_ngpus=plan_ngpus, policy="auto", recompute=recompute, memory_budget_gb=budget,
+                           policy_options={"hw_profile": "h100", **extra})
     sharded = [t for t in result.graph.parameters.values()
                if any(isinstance(p, Shard) for p in result.resolved.stored[t])]
     assert sharded, "the plan splits no parameter: the check would not exercise a parallel plan"
@@ -201,22 +192,13 @@ def test_llama3_8b_128k_on_8_gpus_plans_within_80gb(tmp_path):
     # Rotary tables are computed for real during tracing: rebuild that module (and its buffers) on the CPU.
     causal_lm.model.rotary_emb = type(causal_lm.model.rotary_emb)(config=config)
     ids = torch.zeros(1, 131072, dtype=torch.long)
-    captured = {}
-
-    def policy(graph, ctx):
-        ctx.extra["hw_profile"] = "h100"
-        captured["ctx"] = ctx
-        return auto(graph, ctx)
-
-    policy.__name__ = "auto"
     start = time.perf_counter()
     result = compile_model(ChunkedLossLlama(causal_lm), {"input_ids": ids, "labels": ids.clone()}, tmp_path / "out",
-                           plan_ngpus=8, policy=policy, recompute="auto", param_dtype=torch.bfloat16,
-                           memory_budget_gb=80.0)
+                           plan_ngpus=8, policy="auto", recompute="auto", param_dtype=torch.bfloat16,
+                           memory_budget_gb=80.0, policy_options={"hw_profile": "h100"})
     seconds = time.perf_counter() - start
-    text = write_plan_report(result.graph, result.resolved, captured["ctx"], tmp_path / "plan_report.md")
-    print(text)
-    best = captured["ctx"].extra["auto_search"].best
+    print((tmp_path / "out" / "plan_report.md").read_text())
+    best = result.policy_context.extra["auto_search"].best
     mfu = model_mfu(result.graph, best.estimate, 8)
     print(f"compile {seconds:.1f} s; {best.estimate.summary()}; estimated MFU {mfu * 100:.1f}%")
     assert seconds < 60
