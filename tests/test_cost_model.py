@@ -131,7 +131,9 @@ def test_selective_recompute_of_mlps_and_whole_layers_over_nested_regions(mini):
     for choice in ([], layers[:1], layers):
         # A layer recomputed whole keeps its input only, however finely it was analysed.
         a, b = flat.estimate(choice), nested.estimate(choice)
-        assert (a.compute_s, a.comm_s, a.memory) == pytest.approx((b.compute_s, b.comm_s, b.memory))
+        assert (a.compute_s, a.comm_s) == pytest.approx((b.compute_s, b.comm_s))
+        assert a.memory.keys() == b.memory.keys()
+        assert a.memory == pytest.approx(b.memory)
     none, whole, mlp_only = nested.estimate([]), nested.estimate(layers), nested.estimate(mlps)
     # The MLPs alone: less memory than no recompute, less extra time than whole layers.
     assert mlp_only.memory["activations"] < none.memory["activations"]
