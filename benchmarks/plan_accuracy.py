@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "llama3_128k"))
-from cli import parse_dataclass_args  # noqa: E402  (the examples' dataclass-to-flags helper)
+from dimshard.cli import parse_dataclass_args
 
 
 @dataclass

@@ -19,6 +19,8 @@ from typing import Literal
 
 import pytest
 
+from dimshard import cli
+
 pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
@@ -28,7 +30,6 @@ if str(EXAMPLE_DIR) not in sys.path:
     sys.path.insert(0, str(EXAMPLE_DIR))
 
 import bookcorpus  # noqa: E402
-import cli  # noqa: E402
 import create_mini_model  # noqa: E402
 import demo_data  # noqa: E402
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cli import UserInputError, looks_like_local_path, parse_dataclass_args
+from dimshard.cli import UserInputError, looks_like_local_path, parse_dataclass_args
 
 # Extension of a local data file -> the datasets builder that reads it.
 DATA_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cli import UserInputError, looks_like_local_path, parse_dataclass_args
+from dimshard.cli import UserInputError, looks_like_local_path, parse_dataclass_args
 
 # Files whose presence means a folder holds a tokenizer that AutoTokenizer can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

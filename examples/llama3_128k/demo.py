@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dimshard.cli import parse_dataclass_args
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-from cli import parse_dataclass_args  # noqa: E402
 
 
 @dataclass

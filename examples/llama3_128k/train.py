@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli import UserInputError, parse_dataclass_args  # noqa: E402
-
-from dimshard.runtime.train_config import TrainConfig  # noqa: E402
+from dimshard.cli import UserInputError, parse_dataclass_args
+from dimshard.runtime.train_config import TrainConfig
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Command lines generated from dataclasses.
 
-Each script in this folder declares its flags as one dataclass: one field per flag, with a default
-(or none, for a required flag) and a one-line help text in ``metadata["help"]``.
+Each script (the examples, the benchmarks) declares its flags as one dataclass: one field per flag,
+with a default (or none, for a required flag) and a one-line help text in ``metadata["help"]``.
 ``parse_dataclass_args`` turns that dataclass into an argparse parser and returns a filled instance,
 so the flags, their types, defaults and ``--help`` lines cannot drift apart.
 
