@@ -1,0 +1,122 @@
+"""Zigzag (head-tail) sequence layout for context parallelism, and which attention blocks each rank runs.
+
+The sequence of length L is cut into 2P equal chunks of c = L / (2P) tokens; rank i of P holds
+chunks i and 2P-1-i, concatenated in that order (so its local positions increase). Under a
+causal mask this gives every rank the same attention work: the early chunk i sees few keys,
+the late chunk 2P-1-i sees many, and the sum is the same for all i.
+
+Blocks (rank i, the K/V shard of rank j, local rows 0..2c-1 = chunk i then chunk 2P-1-i):
+
+- j == i: local queries against local keys under the ordinary top-left causal mask (the
+  concatenation is increasing in global position, so the local causal mask is the true one);
+- j <  i: all 2c local queries against the first half (chunk j) of j's keys, unmasked
+  (chunk 2P-1-j lies after both of i's chunks);
+- j >  i: the second half (chunk 2P-1-i) of the local queries against all 2c of j's keys,
+  unmasked (chunk i lies before both of j's chunks).
+
+Each block has 2c^2 unmasked score entries (the causal one 2c(2c+1)/2 with its diagonal), so a
+rank's total is the same for every rank: P blocks of 2c^2 plus c on the diagonal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "AttentionBlock",
+    "check_zigzag_length",
+    "rank_blocks",
+    "unmasked_score_entries",
+    "zigzag_indices",
+    "zigzag_inverse_permutation",
+    "zigzag_permutation",
+]
+
+
+def check_zigzag_length(seq_len: int, world_size: int) -> int:
+    """The chunk length c = seq_len / (2 * world_size); ValueError if the sequence does not split evenly."""
+    if world_size < 1:
+        raise ValueError(f"zigzag layout: world_size must be at least 1, got {world_size}")
+    chunks = 2 * world_size
+    if seq_len <= 0 or seq_len % chunks:
+        raise ValueError(
+            f"sequence length {seq_len} does not split into {chunks} equal chunks for zigzag context "
+            f"parallelism over {world_size} ranks: use a sequence length that is a multiple of {chunks} "
+            f"(pad the batch), or fewer sequence-split ranks"
+        )
+    return seq_len // chunks
+
+
+def zigzag_indices(seq_len: int, world_size: int, rank: int) -> torch.Tensor:
+    """Global token positions rank `rank` holds, in local order: chunk `rank` then chunk 2P-1-`rank`.
+
+    Returns an int64 tensor of length seq_len / world_size. ValueError if seq_len is not a
+    multiple of 2 * world_size or rank is out of range.
+    """
+    chunk = check_zigzag_length(seq_len, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"zigzag layout: rank {rank} is outside 0..{world_size - 1}")
+    head = torch.arange(rank * chunk, (rank + 1) * chunk)
+    tail_start = (2 * world_size - 1 - rank) * chunk
+    tail = torch.arange(tail_start, tail_start + chunk)
+    return torch.cat([head, tail])
+
+
+def zigzag_permutation(seq_len: int, world_size: int) -> torch.Tensor:
+    """Permutation `perm` (int64, length seq_len) with `x_zigzag = x.index_select(dim, perm)`.
+
+    Rank r's shard of the zigzag-ordered sequence is its r-th of world_size equal contiguous
+    pieces, i.e. `x_zigzag.chunk(world_size, dim)[r]` holds the positions `zigzag_indices(seq_len,
+    world_size, r)`. ValueError if seq_len is not a multiple of 2 * world_size.
+    """
+    return torch.cat([zigzag_indices(seq_len, world_size, r) for r in range(world_size)])
+
+
+def zigzag_inverse_permutation(seq_len: int, world_size: int) -> torch.Tensor:
+    """Inverse of `zigzag_permutation`: `x = x_zigzag.index_select(dim, inverse)` restores natural order."""
+    perm = zigzag_permutation(seq_len, world_size)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(seq_len)
+    return inverse
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One attention block of a rank: local query rows [q_start, q_stop) against the key rows
+    [kv_start, kv_stop) of `source`'s K/V shard, under the top-left causal mask or none."""
+
+    source: int
+    q_start: int
+    q_stop: int
+    kv_start: int
+    kv_stop: int
+    causal: bool
+
+
+def rank_blocks(rank: int, world_size: int, local_len: int) -> list[AttentionBlock]:
+    """The blocks rank `rank` computes, one per K/V source, in ring order (own shard first).
+
+    `local_len` is the local sequence length 2c. Source order is rank, rank-1, rank-2, ... (mod
+    world_size): the order in which a ring passing K/V to the next rank delivers them.
+    """
+    chunk = local_len // 2
+    blocks = []
+    for step in range(world_size):
+        source = (rank - step) % world_size
+        if source == rank:
+            blocks.append(AttentionBlock(source, 0, local_len, 0, local_len, True))
+        elif source < rank:
+            blocks.append(AttentionBlock(source, 0, local_len, 0, chunk, False))
+        else:
+            blocks.append(AttentionBlock(source, chunk, local_len, 0, local_len, False))
+    return blocks
+
+
+def unmasked_score_entries(block: AttentionBlock) -> int:
+    """Score entries (query, key pairs) a block computes per head: its attention work."""
+    rows, cols = block.q_stop - block.q_start, block.kv_stop - block.kv_start
+    if block.causal:
+        return rows * (rows + 1) // 2 if rows == cols else sum(min(r + 1, cols) for r in range(rows))
+    return rows * cols
