@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .cost import COLLECTIVES, load_hw_profile
+from .hardware import COLLECTIVES, load_hw_profile
 
 
 @dataclass

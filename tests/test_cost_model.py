@@ -7,16 +7,9 @@ import torch
 from parallel_harness import mini_llama_config
 
 from dimshard.planner import trace
-from dimshard.planner.cost import (
-    HardwareProfile,
-    analyze,
-    estimate,
-    load_hw_profile,
-    op_cost,
-    param_state,
-    redistribution_cost,
-    shipped_profiles,
-)
+from dimshard.planner.cost import analyze, estimate
+from dimshard.planner.hardware import HardwareProfile, load_hw_profile, shipped_profiles
+from dimshard.planner.op_costs import op_cost, param_state, redistribution_cost
 from dimshard.planner.plan import PARTIAL, REPLICATE, Mesh, Plan, Shard, resolve_placements
 from dimshard.planner.policies import POLICIES, PolicyContext
 

@@ -1,0 +1,140 @@
+"""Hardware profiles: the sustained rates of one GPU kind that the cost model prices plans with.
+
+A profile is a JSON file (shipped ones in ``planner/hw_profiles/``, measured ones written by
+``python -m dimshard.planner.profile_hw``) or a ``HardwareProfile`` built in code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROFILE_DIR = Path(__file__).parent / "hw_profiles"
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Sustained rates of one GPU kind: FLOP/s per dtype, bytes/s, collective bus bandwidth and latency.
+
+    ``busbw_gbps`` and ``alpha_us`` map a collective kind to a number, or to ``{group_size: number}``
+    when measured per group size (the nearest size is used).
+    """
+
+    name: str
+    matmul_tflops: dict[str, float]
+    attention_tflops: dict[str, float]
+    copy_gbps: float
+    busbw_gbps: dict[str, Any]
+    alpha_us: dict[str, Any]
+    kernel_launch_us: float = 0.0
+    memory_gb: float | None = None
+    device: str = ""
+    estimated: tuple[str, ...] = ()
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HardwareProfile:
+        """Build a profile from its JSON form; raises ValueError naming a missing or bad field."""
+        missing = [k for k in ("name", "matmul_tflops", "attention_tflops", "copy_gbps", "busbw_gbps", "alpha_us")
+                   if k not in d]
+        if missing:
+            raise ValueError(f"hardware profile '{d.get('name', '?')}' lacks {missing}; see planner/hw_profiles/h200.json")
+        for kind in COLLECTIVES:
+            if kind not in d["busbw_gbps"]:
+                raise ValueError(f"hardware profile '{d['name']}': busbw_gbps has no '{kind}'")
+        return cls(
+            name=d["name"], matmul_tflops=dict(d["matmul_tflops"]), attention_tflops=dict(d["attention_tflops"]),
+            copy_gbps=float(d["copy_gbps"]), busbw_gbps=dict(d["busbw_gbps"]), alpha_us=dict(d["alpha_us"]),
+            kernel_launch_us=float(d.get("kernel_launch_us", 0.0)), memory_gb=d.get("memory_gb"),
+            device=d.get("device", ""), estimated=tuple(d.get("estimated", ())), source=d.get("source", ""),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form ``from_dict`` reads."""
+        return {"name": self.name, "device": self.device, "memory_gb": self.memory_gb,
+                "matmul_tflops": self.matmul_tflops, "attention_tflops": self.attention_tflops,
+                "copy_gbps": self.copy_gbps, "busbw_gbps": self.busbw_gbps, "alpha_us": self.alpha_us,
+                "kernel_launch_us": self.kernel_launch_us, "estimated": list(self.estimated), "source": self.source}
+
+    def matmul_rate(self, dtype: torch.dtype) -> float:
+        """Sustained matmul FLOP/s for inputs of ``dtype`` (float32 rate for unknown dtypes)."""
+        return _rate(self.matmul_tflops, dtype) * 1e12
+
+    def attention_rate(self, dtype: torch.dtype) -> float:
+        """Sustained attention FLOP/s, counting backward as twice the forward FLOPs."""
+        return _rate(self.attention_tflops, dtype) * 1e12
+
+    @property
+    def copy_rate(self) -> float:
+        """Bytes read plus written per second by a memory-bound kernel."""
+        return self.copy_gbps * 1e9
+
+    def collective_seconds(self, kind: str, nbytes: float, group_size: int) -> float:
+        """``alpha + nbytes / busbw`` for one collective moving ``nbytes`` per rank (step_bytes)."""
+        if group_size <= 1 or nbytes <= 0:
+            return 0.0
+        busbw = _by_group(self.busbw_gbps[kind], group_size) * 1e9
+        return _by_group(self.alpha_us.get(kind, 0.0), group_size) * 1e-6 + nbytes / busbw
+
+
+def _rate(table: dict[str, float], dtype: torch.dtype) -> float:
+    key = str(dtype).replace("torch.", "")
+    return float(table.get(key, table.get("float32", min(table.values()))))
+
+
+def _by_group(value: Any, group_size: int) -> float:
+    if not isinstance(value, dict):
+        return float(value)
+    sizes = sorted(int(k) for k in value)
+    nearest = min(sizes, key=lambda s: abs(s - group_size))
+    return float(value[str(nearest)] if str(nearest) in value else value[nearest])
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the profiles shipped in planner/hw_profiles."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_hw_profile(spec: str | Path | dict | HardwareProfile | None) -> HardwareProfile:
+    """A profile from a shipped name (``h200``, ``h100``, ``cpu``), a JSON file path, or a dict.
+
+    None or "" gives ``default_hw_profile()``.
+    """
+    if spec is None or spec == "":
+        return default_hw_profile()
+    if isinstance(spec, HardwareProfile):
+        return spec
+    if isinstance(spec, dict):
+        return HardwareProfile.from_dict(spec)
+    path = Path(spec)
+    if not path.is_file():
+        shipped = PROFILE_DIR / f"{spec}.json"
+        if not shipped.is_file():
+            raise ValueError(f"no hardware profile '{spec}': give a JSON file written by "
+                             f"`python -m dimshard.planner.profile_hw` or one of {shipped_profiles()}")
+        path = shipped
+    return HardwareProfile.from_dict(json.loads(path.read_text()))
+
+
+def default_hw_profile() -> HardwareProfile:
+    """$DIMSHARD_HW_PROFILE if set, else the profile matching the visible GPU, else h100.
+
+    The compile stage usually runs without a GPU; the reference job (DESIGN.md) runs on H100s,
+    so that is the default target.
+    """
+    env = os.environ.get("DIMSHARD_HW_PROFILE")
+    if env:
+        return load_hw_profile(env)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().upper()
+        for known in ("H200", "H100"):
+            if known in name:
+                return load_hw_profile(known.lower())
+    return load_hw_profile("h100")
+

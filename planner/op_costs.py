@@ -1,0 +1,269 @@
+"""Costs of single ops, redistributions and parameter shards (the terms ``cost.analyze`` adds up).
+
+The model they implement is described in ``planner/cost.py``'s docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .graph import ACTIVATION, INPUT, Graph, Op
+from .hardware import HardwareProfile
+from .plan import Mesh, Shard, TensorPlacement
+from .redistribute import Step, redistribution_steps, step_bytes
+
+# The collective each forward step's gradient needs in backward (runtime/comm.py's table).
+BACKWARD_KIND = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
+                 "all_to_all": "all_to_all", "local_slice": None}
+
+_VIEWS = {
+    "torch.Tensor.view", "torch.Tensor.reshape", "torch.reshape", "torch.Tensor.view_as", "torch.Tensor.reshape_as",
+    "torch.Tensor.transpose", "torch.transpose", "torch.Tensor.permute", "torch.permute", "torch.Tensor.unsqueeze",
+    "torch.unsqueeze", "torch.Tensor.squeeze", "torch.squeeze", "torch.Tensor.expand", "torch.Tensor.expand_as",
+    "torch.Tensor.flatten", "torch.flatten", "torch.Tensor.unflatten", "torch.unflatten", "torch.Tensor.__getitem__",
+    "torch.Tensor.split", "torch.split", "torch.Tensor.chunk", "torch.chunk", "torch.Tensor.detach",
+    "torch.Tensor.requires_grad_",
+}
+_CASTS = {"torch.Tensor.to", "torch.Tensor.float", "torch.Tensor.type", "torch.Tensor.bfloat16", "torch.Tensor.half",
+          "torch.Tensor.double", "torch.Tensor.type_as", "torch.Tensor.contiguous", "torch.Tensor.clone"}
+_COPIES = {"torch.Tensor.contiguous", "torch.Tensor.clone"}  # casts that copy even within a dtype
+_MATMULS = {"torch.nn.functional.linear", "torch.matmul", "torch.Tensor.matmul", "torch.Tensor.__matmul__",
+            "torch.bmm", "torch.Tensor.bmm"}
+SDPA = "torch.nn.functional.scaled_dot_product_attention"
+# Ops whose backward needs no saved values (besides shapes and dtypes).
+_SAVES_NOTHING = _VIEWS | _CASTS | {
+    "torch.Tensor.add", "torch.add", "torch.Tensor.__add__", "torch.Tensor.__radd__", "torch.Tensor.add_",
+    "torch.Tensor.sub", "torch.sub", "torch.Tensor.__sub__", "torch.Tensor.__rsub__", "torch.Tensor.neg",
+    "torch.neg", "torch.Tensor.__neg__", "torch.cat", "torch.concat", "torch.concatenate", "torch.stack",
+    "torch.Tensor.mean", "torch.mean", "torch.Tensor.sum", "torch.sum", "torch.nn.functional.pad",
+    "torch.Tensor.copy_",
+}
+# Products: the backward of one operand needs the other, so a product with a constant keeps nothing.
+_PRODUCTS = {"torch.Tensor.mul", "torch.mul", "torch.Tensor.__mul__", "torch.Tensor.__rmul__", "torch.Tensor.mul_",
+             "torch.Tensor.div", "torch.div", "torch.Tensor.__truediv__", "torch.Tensor.__rtruediv__"}
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
+    if dtype == torch.bool:
+        return 1
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.finfo(dtype).bits // 8
+    return torch.iinfo(dtype).bits // 8
+
+
+def local_shape(shape: tuple[int, ...], placement: TensorPlacement, mesh: Mesh) -> tuple[int, ...]:
+    """The per-rank shape of a tensor of ``shape`` under ``placement`` (as ResolvedPlan.local_shape)."""
+    out = list(shape)
+    for axis, p in enumerate(placement):
+        if isinstance(p, Shard):
+            out[p.dim] //= mesh.shape[axis]
+    return tuple(out)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    """Number of elements of a tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def is_chunked_loss(op: Op) -> bool:
+    """A registered cross-entropy op taking ``(hidden, weight, labels, ...)``: costed as its projection."""
+    return op.is_custom and "cross_entropy" in op.name
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One op on its local shards: FLOPs, bytes moved, seconds forward and backward."""
+
+    flops: float  # forward
+    nbytes: float
+    forward_s: float
+    backward_s: float
+    kind: str  # matmul | attention | memory | view
+    backward_flops: float = 0.0
+
+
+def op_cost(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorPlacement], mesh: Mesh,
+            hw: HardwareProfile) -> OpCost:
+    """Time of ``op`` with its inputs and outputs in the given placements (the op's own, not the producers')."""
+    in_ids, out_ids = op.input_ids(), op.output_ids()
+    in_t = [graph.tensors[t] for t in in_ids]
+    out_t = [graph.tensors[t] for t in out_ids]
+    in_shapes = [local_shape(t.shape, p, mesh) for t, p in zip(in_t, ins)]
+    out_shapes = [local_shape(t.shape, p, mesh) for t, p in zip(out_t, outs)]
+    nbytes = float(sum(numel(s) * dtype_bytes(t.dtype) for s, t in zip(in_shapes + out_shapes, in_t + out_t)))
+    has_backward = any(t.requires_grad for t in out_t)
+    launch = hw.kernel_launch_us * 1e-6
+    name = op.name
+    same_dtype = bool(in_t and out_t) and in_t[0].dtype == out_t[0].dtype
+    if name in _VIEWS or (name in _CASTS and same_dtype and name not in _COPIES):
+        return OpCost(0.0, 0.0, 0.0, 0.0, "view")
+    if name in _MATMULS and len(in_shapes) >= 2 and in_shapes[0]:
+        flops = 2.0 * numel(out_shapes[0]) * in_shapes[0][-1]
+        fwd = max(flops / hw.matmul_rate(in_t[0].dtype), nbytes / hw.copy_rate) + launch
+        return OpCost(flops, nbytes, fwd, 2 * fwd if has_backward else 0.0, "matmul", 2 * flops * has_backward)
+    if name == SDPA and len(in_shapes) >= 3 and len(in_shapes[0]) == 4:
+        (b, hq, lq, e), (_, _, s, _), f = in_shapes[0], in_shapes[1], in_shapes[2][-1]
+        flops = 2.0 * b * hq * lq * s * (e + f)
+        causal = op.kwargs.get("is_causal", op.args[5] if len(op.args) > 5 else False)
+        if causal:
+            flops /= 2
+        fwd = flops / hw.attention_rate(in_t[0].dtype) + launch
+        return OpCost(flops, nbytes, fwd, 2 * fwd if has_backward else 0.0, "attention", 2 * flops * has_backward)
+    if is_chunked_loss(op) and len(in_shapes) >= 2 and len(in_shapes[1]) == 2:
+        hidden, weight = in_shapes[0], in_shapes[1]
+        tokens = numel(hidden) // max(hidden[-1], 1)
+        flops = 2.0 * tokens * weight[0] * weight[1]
+        if not has_backward:
+            fwd = max(flops / hw.matmul_rate(in_t[0].dtype), nbytes / hw.copy_rate) + launch
+            return OpCost(flops, nbytes, fwd, 0.0, "matmul")
+        # The kernel's precompute path (its default when gradients are needed) takes both gradients
+        # in the forward, three products; the backward only scales the saved gradients, one read
+        # and one write of each.
+        fwd = max(3 * flops / hw.matmul_rate(in_t[0].dtype), nbytes / hw.copy_rate) + launch
+        grad_bytes = float(sum(numel(s) * dtype_bytes(t.dtype) for s, t in zip(in_shapes[:2], in_t[:2])))
+        bwd = 2 * grad_bytes / hw.copy_rate + launch
+        return OpCost(3 * flops, nbytes, fwd, bwd, "matmul", 0.0)
+    fwd = nbytes / hw.copy_rate + launch
+    return OpCost(0.0, nbytes, fwd, 2 * fwd if has_backward else 0.0, "memory")
+
+
+def saved_inputs(graph: Graph, op: Op) -> list[int]:
+    """Positions of the tensor inputs ``op`` keeps for its backward (see the module docstring)."""
+    in_ids = op.input_ids()
+    if not any(graph.tensors[t].requires_grad for t in op.output_ids()) or op.name in _SAVES_NOTHING:
+        return []
+    kinds = [graph.tensors[t].kind for t in in_ids]
+    keep = [i for i, k in enumerate(kinds) if k in (ACTIVATION, INPUT)]
+    if op.name in _PRODUCTS:
+        # x * y keeps x only when y needs a gradient, and the other way round.
+        grads = [graph.tensors[t].requires_grad for t in in_ids]
+        keep = [i for i in keep if any(g for j, g in enumerate(grads) if j != i)]
+    return keep
+
+
+def saves_output(op: Op) -> bool:
+    """Attention keeps its output (and a small log-sum-exp) for backward."""
+    return op.name == SDPA
+
+
+def working_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorPlacement], mesh: Mesh) -> int:
+    """Transient bytes while ``op`` runs backward: gradients of its local activations, plus a loss chunk."""
+    if not any(graph.tensors[t].requires_grad for t in op.output_ids()):
+        return 0
+    total = 0
+    for tid, p in list(zip(op.input_ids(), ins)) + list(zip(op.output_ids(), outs)):
+        t = graph.tensors[tid]
+        if t.kind == ACTIVATION and t.dtype.is_floating_point:
+            total += numel(local_shape(t.shape, p, mesh)) * dtype_bytes(t.dtype)
+    if is_chunked_loss(op):
+        hidden = local_shape(graph.tensors[op.input_ids()[0]].shape, ins[0], mesh)
+        vocab = local_shape(graph.tensors[op.input_ids()[1]].shape, ins[1], mesh)[0]
+        from dimshard.kernels.chunk_linear_cross_entropy import precompute_tile_sizes
+
+        chunk = op.kwargs.get("chunk_size", op.args[4] if len(op.args) > 4 else None)
+        itemsize = dtype_bytes(graph.tensors[op.input_ids()[0]].dtype)
+        tokens = numel(hidden) // max(hidden[-1], 1)
+        chunk_tokens, _ = precompute_tile_sizes(tokens, vocab, itemsize, chunk, None)
+        # Precompute path: one chunk of logits in the hidden dtype, the hidden and weight gradients
+        # taken in the forward and held until the backward, and the weight gradient's rounding
+        # residual (low-precision weights).
+        weight_numel = numel(local_shape(graph.tensors[op.input_ids()[1]].shape, ins[1], mesh))
+        total += chunk_tokens * vocab * itemsize + numel(hidden) * itemsize
+        total += weight_numel * itemsize * (1 if itemsize >= 4 else 2)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives and parameter state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectiveCost:
+    """The collectives of one redistribution: (kind, mesh axis, bytes per rank, seconds) forward and backward."""
+
+    forward: tuple[tuple[str, int, float, float], ...]
+    backward: tuple[tuple[str, int, float, float], ...]
+
+    @property
+    def forward_s(self) -> float:
+        return sum(s for *_, s in self.forward)
+
+    @property
+    def backward_s(self) -> float:
+        return sum(s for *_, s in self.backward)
+
+
+def redistribution_cost(shape: tuple[int, ...], itemsize: int, src: TensorPlacement, dst: TensorPlacement,
+                        mesh: Mesh, hw: HardwareProfile, backward: bool) -> CollectiveCost:
+    """Collectives turning a tensor of full ``shape`` from ``src`` into ``dst``, and their backward."""
+    local = float(numel(local_shape(shape, src, mesh)) * itemsize)
+    fwd: list[tuple[str, int, float, float]] = []
+    bwd: list[tuple[str, int, float, float]] = []
+    for step in redistribution_steps(src, dst):
+        n = mesh.shape[step.axis]
+        after = _local_after(step, local, n)
+        if step.kind != "local_slice":
+            nbytes = float(step_bytes(step, int(local), n))
+            fwd.append((step.kind, step.axis, nbytes, hw.collective_seconds(step.kind, nbytes, n)))
+        back = BACKWARD_KIND[step.kind]
+        if backward and back is not None:
+            nbytes = float(step_bytes(Step(back, step.axis), int(after), n))
+            bwd.append((back, step.axis, nbytes, hw.collective_seconds(back, nbytes, n)))
+        local = after
+    return CollectiveCost(tuple(fwd), tuple(bwd))
+
+
+def _local_after(step: Step, local: float, n: int) -> float:
+    if step.kind == "all_gather":
+        return local * n
+    if step.kind in ("reduce_scatter", "local_slice"):
+        return local / n
+    return local
+
+
+@dataclass(frozen=True)
+class ParamState:
+    """Bytes per GPU of one parameter shard's value, fp32 gradient buffer and Adam state; sync seconds."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    sync_s: float
+    optimizer_s: float
+
+
+def param_state(numel_local: int, dtype: torch.dtype, holders: int, hw: HardwareProfile, dp_size: int = 1,
+                zero: bool = True) -> ParamState:
+    """State of a local shard of ``numel_local`` elements held by ``holders`` unit ranks.
+
+    Gradients are all-reduced over ``holders * dp_size`` ranks in fp32 (runtime/grad_reducer.py);
+    with ZeRO-1 each copy keeps 1/dp_size of the optimizer state and all-gathers updated parameters.
+    """
+    itemsize = dtype_bytes(dtype)
+    master = 0 if dtype == torch.float32 else 4
+    opt = numel_local * (8 + master) / (dp_size if zero else 1)
+    group = holders * dp_size
+    grad_bytes = numel_local * 4.0
+    sync = hw.collective_seconds("all_reduce", 2 * grad_bytes * (group - 1) / group, group)
+    if zero and dp_size > 1:
+        sync += hw.collective_seconds("all_gather", numel_local * itemsize * (dp_size - 1) / dp_size, dp_size)
+    # AdamW reads and writes parameter, master and moments and reads the gradient: ~32 bytes per owned element.
+    opt_s = numel_local / (dp_size if zero else 1) * 32 / hw.copy_rate
+    return ParamState(numel_local * itemsize, grad_bytes, opt, sync, opt_s)
+
+
+def replica_count(placement: TensorPlacement, mesh: Mesh) -> int:
+    """Unit ranks holding the same shard: the product of the axes the tensor is not sharded on."""
+    n = 1
+    for axis, p in enumerate(placement):
+        if not isinstance(p, Shard):
+            n *= mesh.shape[axis]
+    return n
+
