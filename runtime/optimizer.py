@@ -16,6 +16,12 @@ values before they are cast (pass ``param_dtype``), so no precision is lost at s
 
 The update itself is ``torch.optim.adamw.adamw`` (the functional form of torch.optim.AdamW), so
 a step equals torch.optim.AdamW's on the same gradients.
+
+Offload (``offload=True``): masters and moments of the owned pieces live in page-locked host memory
+(``runtime/optimizer_offload.py``), a separate fp32 master even for fp32 parameters, and the update
+runs on the CPU or on the GPU over streamed chunks (``update_device``; ``auto`` times both once at
+construction). Gradients, their norm, clipping and the ZeRO all-gather stay on the device; the
+checkpointed tensors and metadata are the same as without offload.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
+
+from .optimizer_offload import UPDATE_DEVICES, HostAdamState, choose_update_device
 
 if TYPE_CHECKING:
     from .distributed import ParallelContext
@@ -81,6 +89,9 @@ class ZeroAdamW:
         zero: bool = True,
         param_dtype: torch.dtype | None = None,
         gather_chunk_numel: int = 2**26,
+        offload: bool = False,
+        update_device: str = "auto",
+        offload_chunk_numel: int = 2**24,
     ) -> None:
         self.ctx = ctx
         self.local_params = list(local_params)
@@ -91,6 +102,12 @@ class ZeroAdamW:
         self.step_count = 0  # optimizer updates applied (skipped steps not counted)
         self.skipped_steps = 0
         self._gather_chunk_numel = gather_chunk_numel
+        if update_device not in UPDATE_DEVICES:
+            raise ValueError(f"update_device must be one of {UPDATE_DEVICES}, got {update_device!r}")
+        self.offload = offload
+        self.update_device = update_device if offload else "gpu" if ctx.device.type == "cuda" else "cpu"
+        self.update_rates: dict[str, float] = {}  # elements/s per update device, when measured
+        self.host_state: HostAdamState | None = None
 
         self._offsets: list[int] = []
         total = 0
@@ -112,18 +129,30 @@ class ZeroAdamW:
         # One dtype for the parameter all-gather: the parameters' own when uniform.
         self._comm_dtype = final_dtypes.pop() if len(final_dtypes) == 1 else torch.float32
 
-        self._pieces: list[_Piece] = []
+        owned = []
         for index, lp in enumerate(self.local_params):
             start = self._offsets[index]
             lo, hi = max(own_lo, start) - start, min(own_hi, start + lp.param.numel()) - start
-            if hi <= lo:
-                continue
+            if hi > lo:
+                owned.append((index, lo, hi))
+        if offload:
+            self.host_state = HostAdamState([hi - lo for _, lo, hi in owned],
+                                            [len(self.local_params[i].full_shape) > 1 for i, _, _ in owned],
+                                            ctx.device, chunk_numel=offload_chunk_numel)
+        self._pieces: list[_Piece] = []
+        for k, (index, lo, hi) in enumerate(owned):
+            lp = self.local_params[index]
             flat = lp.param.detach().view(-1)[lo:hi]
-            separate = (param_dtype or lp.param.dtype) != torch.float32
-            master = flat.float().clone() if separate else flat
+            if self.host_state is not None:
+                master = self.host_state.master(k)
+                master.copy_(flat)  # from the values before any cast, on the host
+                exp_avg, exp_avg_sq = self.host_state.exp_avg(k), self.host_state.exp_avg_sq(k)
+            else:
+                separate = (param_dtype or lp.param.dtype) != torch.float32
+                master = flat.float().clone() if separate else flat
+                exp_avg, exp_avg_sq = torch.zeros_like(master), torch.zeros_like(master)
             self._pieces.append(_Piece(
-                index=index, lo=lo, hi=hi, master=master,
-                exp_avg=torch.zeros_like(master), exp_avg_sq=torch.zeros_like(master),
+                index=index, lo=lo, hi=hi, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                 step=torch.tensor(0.0), decay=len(lp.full_shape) > 1,
             ))
         if param_dtype is not None:
@@ -132,6 +161,10 @@ class ZeroAdamW:
                     lp.param.data = lp.param.data.to(param_dtype)
         # Squared norms of replicated shards are counted once per holder inside a copy.
         self._norm_weights = [1.0 / len(self.local_params[p.index].unit_ranks) for p in self._pieces]
+        if self.host_state is not None and self.update_device == "auto":
+            # Before any step or state load: the probe leaves fresh state and parameters unchanged.
+            self.update_device, self.update_rates = choose_update_device(
+                self.host_state, [self._param_view(p) for p in self._pieces])
 
     # ------------------------------------------------------------------------------------------
     # step
@@ -178,6 +211,14 @@ class ZeroAdamW:
             # Same arithmetic as torch.nn.utils.clip_grad_norm_.
             clip_coef = torch.clamp(max_grad_norm / (total_norm + 1e-6), max=1.0)
             torch._foreach_mul_(pieces, clip_coef.to(pieces[0].device))
+        if self.host_state is not None:
+            self.host_state.step(self.update_device, pieces, [self._param_view(p) for p in self._pieces],
+                                 step=self.step_count + 1, lr=lr, betas=self.betas, eps=self.eps,
+                                 weight_decay=self.weight_decay)
+            self.step_count += 1
+            self._set_counters(self.step_count, self.skipped_steps)
+            self._all_gather_params()
+            return StepResult(grad_norm=norm, skipped=False)
         for decay in (True, False):
             chosen = [i for i, piece in enumerate(self._pieces) if piece.decay == decay]
             if not chosen:
@@ -293,8 +334,8 @@ class ZeroAdamW:
             name = self.local_params[piece.index].name
             piece.exp_avg.copy_(tensors[f"optimizer.exp_avg.{name}"])
             piece.exp_avg_sq.copy_(tensors[f"optimizer.exp_avg_sq.{name}"])
-            if self.keep_master:
-                master = tensors.get(f"{MASTER_KEY}.{name}")
+            if self.keep_master or self.offload:
+                master = tensors.get(f"{MASTER_KEY}.{name}") if self.keep_master else None
                 piece.master.copy_(master if master is not None else self._param_view(piece))
         self._set_counters(int(meta["step_count"]), int(meta["skipped_steps"]))
 
@@ -321,7 +362,7 @@ class ZeroAdamW:
                     target.zero_()
                 else:
                     target.copy_(region.reshape(-1)[piece.lo:piece.hi])
-            if self.keep_master:
+            if self.keep_master or self.offload:
                 # Without a saved master, the saved parameter (full precision when trained in
                 # fp32) is a better start than this rank's possibly bf16 copy of it.
                 region = read(f"{MASTER_KEY}.{lp.name}", lp.slices)

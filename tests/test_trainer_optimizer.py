@@ -31,7 +31,7 @@ def _train(setup: dict) -> dict:
     ctx, module = make_module(plan)
     local = module.local_parameters()
     optimizer = ZeroAdamW(local, ctx, betas=BETAS, weight_decay=WD, zero=setup.get("zero", True),
-                          param_dtype=setup.get("param_dtype"))
+                          param_dtype=setup.get("param_dtype"), **setup.get("optimizer_kwargs", {}))
     reducer = GradReducer(local, ctx, bucket_size_mb=setup.get("bucket_size_mb", 25.0))
     stream = MicroBatchStream(RowsDataset(token_rows()), micro_batch_size=setup["micro_batch_size"],
                               dp_size=ctx.dp_size, copy_index=ctx.copy_index, seed=0)
