@@ -16,6 +16,10 @@ Blocks (rank i, the K/V shard of rank j, local rows 0..2c-1 = chunk i then chunk
 
 Each block has 2c^2 unmasked score entries (the causal one 2c(2c+1)/2 with its diagonal), so a
 rank's total is the same for every rank: P blocks of 2c^2 plus c on the diagonal.
+
+With all-gathered K/V in natural order the same work is three blocks (`gathered_blocks`): the
+own causal block on the local K/V, all local queries against chunks 0..i-1 (the j < i blocks
+merged), and the tail queries against chunks i+1..2P-2-i (the j > i blocks merged).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import torch
 __all__ = [
     "AttentionBlock",
     "check_zigzag_length",
+    "gathered_blocks",
+    "gathered_from_natural",
+    "natural_from_gathered",
     "rank_blocks",
     "unmasked_score_entries",
     "zigzag_indices",
@@ -85,9 +92,10 @@ def zigzag_inverse_permutation(seq_len: int, world_size: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class AttentionBlock:
     """One attention block of a rank: local query rows [q_start, q_stop) against the key rows
-    [kv_start, kv_stop) of `source`'s K/V shard, under the top-left causal mask or none."""
+    [kv_start, kv_stop) of rank `source`'s K/V shard (None: of the whole sequence in natural
+    order), under the top-left causal mask or none."""
 
-    source: int
+    source: int | None
     q_start: int
     q_stop: int
     kv_start: int
@@ -120,3 +128,48 @@ def unmasked_score_entries(block: AttentionBlock) -> int:
     if block.causal:
         return rows * (rows + 1) // 2 if rows == cols else sum(min(r + 1, cols) for r in range(rows))
     return rows * cols
+
+
+def gathered_blocks(rank: int, world_size: int, local_len: int) -> list[AttentionBlock]:
+    """The blocks rank `rank` computes from all-gathered K/V: its own shard first (causal), then
+    unmasked blocks whose key rows index the whole sequence in natural order. Empty blocks are left out."""
+    chunk = local_len // 2
+    blocks = [AttentionBlock(rank, 0, local_len, 0, local_len, True)]
+    if rank > 0:
+        blocks.append(AttentionBlock(None, 0, local_len, 0, rank * chunk, False))
+    if rank < world_size - 1:
+        blocks.append(AttentionBlock(None, chunk, local_len, (rank + 1) * chunk, (2 * world_size - 1 - rank) * chunk, False))
+    return blocks
+
+
+def natural_from_gathered(gathered: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """The whole sequence in natural order from every rank's zigzag shard stacked on dim 0.
+
+    gathered [P, ..., l_local, ...] with the local sequence on dim `seq_dim + 1`; returns
+    [..., P * l_local, ...] with the sequence on dim `seq_dim` (one copy).
+    """
+    world_size, local_len = gathered.shape[0], gathered.shape[seq_dim + 1]
+    chunk = local_len // 2
+    shape = list(gathered.shape[1:])
+    shape[seq_dim] = world_size * local_len
+    natural = gathered.new_empty(shape)
+    chunks = natural.unflatten(seq_dim, (2 * world_size, chunk))
+    heads = gathered.narrow(seq_dim + 1, 0, chunk).movedim(0, seq_dim)
+    tails = gathered.narrow(seq_dim + 1, chunk, chunk).flip(0).movedim(0, seq_dim)
+    chunks.narrow(seq_dim, 0, world_size).copy_(heads)
+    chunks.narrow(seq_dim, world_size, world_size).copy_(tails)
+    return natural
+
+
+def gathered_from_natural(natural: torch.Tensor, world_size: int, seq_dim: int) -> torch.Tensor:
+    """Inverse of `natural_from_gathered`: [..., L, ...] -> every rank's zigzag shard stacked on dim 0."""
+    chunk = check_zigzag_length(natural.shape[seq_dim], world_size)
+    chunks = natural.unflatten(seq_dim, (2 * world_size, chunk))
+    heads = chunks.narrow(seq_dim, 0, world_size).movedim(seq_dim, 0)
+    tails = chunks.narrow(seq_dim, world_size, world_size).flip(seq_dim).movedim(seq_dim, 0)
+    shape = [world_size, *natural.shape]
+    shape[seq_dim + 1] = 2 * chunk
+    gathered = natural.new_empty(shape)
+    gathered.narrow(seq_dim + 1, 0, chunk).copy_(heads)
+    gathered.narrow(seq_dim + 1, chunk, chunk).copy_(tails)
+    return gathered

@@ -1,8 +1,22 @@
 """Sequence-split causal attention (context parallelism) over one process group, zigzag layout.
 
-Each rank of the group holds its local shard of query, key and value in the zigzag layout
-(`kernels/_cp_layout.py`: 2P chunks, rank i holds chunks i and 2P-1-i, concatenated), and gets
-back its shard of the causal attention output over the whole sequence.
+Each rank of the group holds its shard of query, key and value in the zigzag layout
+(`kernels/_cp_layout.py`: the sequence in 2P chunks, rank i holds chunks i and 2P-1-i,
+concatenated) and gets back its shard of causal attention over the whole sequence. The work is
+split into blocks (`rank_blocks`, `gathered_blocks`), each computed by a fused kernel that also
+returns its log-sum-exp (`kernels/_cp_blocks.py`: cuDNN, flash, or plain PyTorch on CPU), and
+merged through the log-sum-exp; the backward runs each block's fused backward against the merged
+output and log-sum-exp. Two ways to bring K/V to the queries:
+
+- "ring": K/V shards travel around the ring (P-1 passes), each pass overlapped with the
+  previous block's compute; the backward passes K/V again and the fp32 dK/dV accumulators one
+  step behind them (P passes), so they arrive back at their owner complete. Never holds more
+  than two K/V shards.
+- "allgather": one all-gather of K/V, overlapped with the rank's own causal block, then two
+  large blocks on the gathered sequence; the backward gathers again and reduce-scatters dK/dV.
+  Holds the whole sequence's K/V (and fp32 dK/dV in the backward) for the duration of the op.
+
+Both move the same bytes; docs/design.md ("Sequence-split attention") says which is preferred when.
 """
 
 from __future__ import annotations
@@ -14,35 +28,208 @@ import torch.distributed as dist
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-from ._cp_layout import check_zigzag_length, zigzag_indices, zigzag_inverse_permutation, zigzag_permutation
+from ._cp_blocks import block_backward, block_forward, choose_backend, merge_block, strided_like
+from ._cp_comm import ring_pass, start_all_gather, start_reduce_scatter
+from ._cp_layout import (
+    AttentionBlock,
+    check_zigzag_length,
+    gathered_blocks,
+    gathered_from_natural,
+    natural_from_gathered,
+    rank_blocks,
+    zigzag_indices,
+    zigzag_inverse_permutation,
+    zigzag_permutation,
+)
 
 __all__ = [
+    "METHODS",
+    "check_zigzag_length",
     "sequence_split_attention",
     "zigzag_indices",
     "zigzag_inverse_permutation",
     "zigzag_permutation",
 ]
 
+METHODS = ("ring", "allgather")
+# K/V travel packed as one tensor [2, b, l, hk, e]: one transfer per step, and [b, l, h, e] storage
+# (what the model's projections produce) viewed as [b, h, l, e] is the layout the fused kernels take.
+_KV_SEQ_DIM = 2
 
-class _GatherSequence(torch.autograd.Function):
-    """All-gather along dim 2 in rank order; backward sums the gradient over ranks and keeps this rank's slice."""
 
+def _as_blhe(x: torch.Tensor) -> torch.Tensor:
+    """[b, h, l, e] view over [b, l, h, e] storage (no copy when x already is one)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _pack_kv(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = key.shape
+    kv = key.new_empty(2, batch, length, heads, dim)
+    kv[0].copy_(key.transpose(1, 2))
+    kv[1].copy_(value.transpose(1, 2))
+    return kv
+
+
+def _unpack_kv(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [b, hk, l, e] key and value views of a packed [2, b, l, hk, e] tensor."""
+    return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Blocks:
+    """The per-block forward and backward of one call: rows sliced out, results merged or accumulated."""
+
+    def __init__(self, backend: str, scale: float) -> None:
+        self.backend = backend
+        self.scale = scale
+
+    def forward(
+        self, block: AttentionBlock, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> None:
+        k, v = _unpack_kv(kv)
+        rows, keys = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
+        block_out, block_lse = block_forward(
+            self.backend, q[:, :, rows], k[:, :, keys], v[:, :, keys], self.scale, block.causal
+        )
+        merge_block(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+
+    def backward(
+        self,
+        block: AttentionBlock,
+        saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        kv: torch.Tensor,
+        dq: torch.Tensor,
+        dkv: torch.Tensor,
+    ) -> None:
+        q, out, lse, dout = saved
+        k, v = _unpack_kv(kv)
+        dk, dv = _unpack_kv(dkv)
+        rows, keys = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
+        block_dq, block_dk, block_dv = block_backward(
+            self.backend, dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+            lse[:, :, rows], self.scale, block.causal,
+        )
+        dq[:, :, rows] += block_dq
+        dk[:, :, keys] += block_dk
+        dv[:, :, keys] += block_dv
+
+
+def _ring_forward(blocks: _Blocks, q, kv, out, lse, group, rank, size) -> None:
+    current = kv
+    for step, block in enumerate(rank_blocks(rank, size, q.shape[2])):
+        incoming = ring_pass(current, group) if step < size - 1 else None
+        blocks.forward(block, q, current, out, lse)
+        if incoming is not None:
+            current = incoming.wait()
+
+
+def _ring_backward(blocks: _Blocks, saved, kv, dq, group, rank, size) -> torch.Tensor:
+    current, dkv_incoming = kv, None
+    for step, block in enumerate(rank_blocks(rank, size, dq.shape[2])):
+        kv_incoming = ring_pass(current, group) if step < size - 1 else None
+        # The accumulator for this K/V block arrives from the rank that used it one step earlier.
+        dkv = torch.zeros_like(kv, dtype=dq.dtype) if dkv_incoming is None else dkv_incoming.wait()
+        blocks.backward(block, saved, current, dq, dkv)
+        if size > 1:
+            dkv_incoming = ring_pass(dkv, group)
+        if kv_incoming is not None:
+            current = kv_incoming.wait()
+    # After P passes each accumulator is back at the rank that owns its K/V.
+    return dkv if dkv_incoming is None else dkv_incoming.wait()
+
+
+def _gather_forward(blocks: _Blocks, q, kv, out, lse, group, rank, size) -> None:
+    own, *others = gathered_blocks(rank, size, q.shape[2])
+    gathering = start_all_gather(kv, group) if size > 1 else None
+    blocks.forward(own, q, kv, out, lse)
+    if gathering is None:
+        return
+    natural = natural_from_gathered(gathering.wait(), _KV_SEQ_DIM)
+    for block in others:
+        blocks.forward(block, q, natural, out, lse)
+
+
+def _gather_backward(blocks: _Blocks, saved, kv, dq, group, rank, size) -> torch.Tensor:
+    own, *others = gathered_blocks(rank, size, dq.shape[2])
+    gathering = start_all_gather(kv, group) if size > 1 else None
+    dkv_own = torch.zeros_like(kv, dtype=dq.dtype)
+    blocks.backward(own, saved, kv, dq, dkv_own)
+    if gathering is None:
+        return dkv_own
+    natural = natural_from_gathered(gathering.wait(), _KV_SEQ_DIM)
+    dkv_natural = torch.zeros_like(natural, dtype=dq.dtype)
+    for block in others:
+        blocks.backward(block, saved, natural, dq, dkv_natural)
+    stacked = gathered_from_natural(dkv_natural, size, _KV_SEQ_DIM)
+    stacked[rank] += dkv_own
+    return start_reduce_scatter(stacked, group).wait()
+
+
+class _SequenceSplitAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-        ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        ctx.local_len = x.shape[2]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=2)
+    def forward(
+        ctx: FunctionCtx,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
+        group: ProcessGroup | None,
+        method: str,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        q, kv = _as_blhe(query), _pack_kv(key, value)
+        acc_dtype = _accumulator_dtype(query.dtype)
+        out = torch.zeros_like(q, dtype=acc_dtype)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
+        blocks = _Blocks(backend, scale)
+        run = _ring_forward if method == "ring" else _gather_forward
+        run(blocks, q, kv, out, lse, group, rank, size)
+        out = out.to(query.dtype)
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.setup = (scale, group, method, backend, rank, size, key.dtype, value.dtype)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        start = ctx.rank * ctx.local_len
-        return grad[:, :, start : start + ctx.local_len].contiguous(), None
+    def backward(ctx: FunctionCtx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+        q, kv, out, lse = ctx.saved_tensors
+        scale, group, method, backend, rank, size, key_dtype, value_dtype = ctx.setup
+        if grad_out is None:  # only the (non-differentiable) lse was used
+            return None, None, None, None, None, None, None
+        # The fused backward ops read dout in the layout of out.
+        dout = strided_like(grad_out.to(out.dtype), out)
+        dq = torch.zeros_like(q, dtype=lse.dtype)
+        run = _ring_backward if method == "ring" else _gather_backward
+        dkv = run(_Blocks(backend, scale), (q, out, lse, dout), kv, dq, group, rank, size)
+        dk, dv = _unpack_kv(dkv)
+        return dq.to(q.dtype), dk.to(key_dtype), dv.to(value_dtype), None, None, None, None
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, method: str, size: int) -> None:
+    name = "sequence_split_attention"
+    if method not in METHODS:
+        raise ValueError(f"{name}: unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            f"{name}: query, key and value must be [batch, heads, local_len, head_dim], got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if key.shape != value.shape or key.shape[0] != query.shape[0] or key.shape[2:] != query.shape[2:]:
+        raise ValueError(
+            f"{name}: key and value must be [batch, kv_heads, local_len, head_dim] like the query "
+            f"{tuple(query.shape)}, got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{name}: {query.shape[1]} query heads are not a multiple of {key.shape[1]} K/V heads")
+    if not query.dtype == key.dtype == value.dtype:
+        raise ValueError(f"{name}: query, key and value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})")
+    if size > 1:
+        check_zigzag_length(query.shape[2] * size, size)
 
 
 def sequence_split_attention(
@@ -52,36 +239,27 @@ def sequence_split_attention(
     *,
     scale: float | None = None,
     group: ProcessGroup | None = None,
-) -> torch.Tensor:
+    method: str = "ring",
+    backend: str | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over a sequence split across `group` in the zigzag layout; this rank's output shard.
 
-    query [b, hq, l, e], key/value [b, hk, l, e] are this rank's shards (l = L / P, positions
-    `zigzag_indices(L, P, rank)`); hq must be a multiple of hk (GQA: query head h uses K/V head
-    h // (hq / hk)); K/V are never repeated. `scale` defaults to 1/sqrt(e). Returns [b, hq, l, e]
-    in the query's dtype, equal to this rank's rows of full causal attention on the unsplit
-    sequence. Differentiable in query, key and value. `group` None is the default process group.
+    query [b, hq, l, e], key/value [b, hk, l, e] are this rank's shards (l = L / P local
+    positions `zigzag_indices(L, P, rank)`); hq must be a multiple of hk (GQA: query head h uses
+    K/V head h // (hq / hk)); K/V are never repeated. `scale` defaults to 1/sqrt(e). `method` is
+    "ring" or "allgather" (same result; see the module docstring); `backend` forces "cudnn",
+    "flash" or "math" for the blocks (default: the fastest that works here). Returns out
+    [b, hq, l, e] in the query's dtype, equal to this rank's rows of causal attention over the
+    whole unsplit sequence, and with `return_lse` also its log-sum-exp [b, hq, l] (fp32, float64
+    for float64 inputs; natural log of the sum of exp(scale * q.k) over visible keys; not
+    differentiable). Differentiable in query, key and value; their gradients come back as the
+    same zigzag shards. `group` None is the default process group; a group of one rank is plain
+    causal attention. ValueError if L = l * P does not split into 2P equal chunks.
     """
-    world_size = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    batch, q_heads, local_len, head_dim = query.shape
-    kv_heads = key.shape[1]
-    if q_heads % kv_heads:
-        raise ValueError(f"sequence_split_attention: {q_heads} query heads are not a multiple of {kv_heads} K/V heads")
-    seq_len = local_len * world_size
-    check_zigzag_length(seq_len, world_size)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-
-    full_key = _GatherSequence.apply(key, group)
-    full_value = _GatherSequence.apply(value, group)
-    key_positions = zigzag_permutation(seq_len, world_size).to(query.device)
-    query_positions = zigzag_indices(seq_len, world_size, rank).to(query.device)
-    allowed = key_positions[None, :] <= query_positions[:, None]
-
-    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    groups = q_heads // kv_heads
-    q = query.to(compute_dtype).reshape(batch, kv_heads, groups, local_len, head_dim)
-    scores = torch.einsum("bgrle,bgse->bgrls", q, full_key.to(compute_dtype)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bgrls,bgse->bgrle", probs, full_value.to(compute_dtype))
-    return out.reshape(batch, q_heads, local_len, value.shape[-1]).to(query.dtype)
+    size = dist.get_world_size(group)
+    _check_inputs(query, key, value, method, size)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    backend = choose_backend(query, key, backend)
+    out, lse = _SequenceSplitAttention.apply(query, key, value, scale, group, method, backend)
+    return (out, lse) if return_lse else out
