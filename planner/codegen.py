@@ -297,7 +297,10 @@ def _main_body(writer: _Writer) -> list[str]:
         body.append(f"        return ({', '.join(outputs)}{',' if len(outputs) == 1 else ''})")
         writer.methods.append("\n".join(body))
         target = ", ".join(outputs) + ("," if len(outputs) == 1 else "")
-        stmts.append((f"{target} = checkpoint(self.{fname}, {', '.join(inputs)}, use_reentrant=False)",
+        call = (f"offloaded_checkpoint(self.activation_offload, self.{fname}, {', '.join(inputs)})"
+                if block.region in writer.resolved.plan.offload_scopes else
+                f"checkpoint(self.{fname}, {', '.join(inputs)}, use_reentrant=False)")
+        stmts.append((f"{target} = {call}",
                       outputs, inputs))
     last_use: dict[str, int] = {}
     for k, (_, _, us) in enumerate(stmts):
@@ -349,6 +352,8 @@ def generate_rank_code(graph: Graph, resolved: ResolvedPlan, unit_rank: int, hea
         "from torch.utils.checkpoint import checkpoint",
         "",
         "from dimshard.runtime import comm",
+        *(["from dimshard.runtime.activation_offload import ActivationOffloader, offloaded_checkpoint"]
+          if resolved.plan.offload_scopes else []),
         "from dimshard.runtime.module import ParallelModule",
     ]
     lines += sorted(set(writer.imports.values()))
@@ -363,6 +368,8 @@ def generate_rank_code(graph: Graph, resolved: ResolvedPlan, unit_rank: int, hea
         "    def __init__(self, ctx):",
         "        super().__init__(ctx)",
         f"        self.groups = {{axis: ctx.axis_group(axis) for axis in {tuple(mesh.axis_names)!r}}}",
+        *(["        self.activation_offload = ActivationOffloader(self.device)  # plan.json offload"]
+          if resolved.plan.offload_scopes else []),
         *decl,
         "",
         f"    def forward(self, {inputs}):",

@@ -17,6 +17,7 @@ import torch
 from .codegen import generate_rank_code, shard_holders, shard_slices
 from .fusion import fused_kernels as fused_kernels_in
 from .graph import Graph
+from .offload_plan import apply_offload_request, offload_manifest
 from .plan import Plan, ResolvedPlan, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, get_policy
 from .report import write_plan_report
@@ -118,6 +119,7 @@ def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, fin
         "axis_groups": {name: mesh.groups(a) for a, name in enumerate(mesh.axis_names)},
         "policy": resolved.plan.name,
         "recompute_scopes": list(resolved.plan.recompute_scopes),
+        "offload": offload_manifest(resolved.plan),
         "inputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                    for k, v in example_inputs.items()],
         "parameters": params,
@@ -176,6 +178,7 @@ def compile_model(
     plan = policy_fn(graph, ctx)
     if plan.mesh.size != plan_ngpus:
         raise ValueError(f"policy '{policy_name}' returned a mesh of {plan.mesh.size} devices for plan_ngpus {plan_ngpus}")
+    plan = apply_offload_request(graph, plan, ctx.extra)
     resolved = resolve_placements(graph, plan)
 
     gencode = output_dir / "gencode"

@@ -93,6 +93,10 @@ class Plan:
     splits: dict[int, tuple[str | None, ...]] = field(default_factory=dict)
     recompute_scopes: list[str] = field(default_factory=list)
     name: str = "custom"
+    # CPU offload (planner/offload_plan.py): recomputed scopes whose inputs wait in host memory
+    # for the backward, and whether AdamW's fp32 state lives in host memory.
+    offload_scopes: list[str] = field(default_factory=list)
+    offload_optimizer: bool = False
 
     def split_of(self, op_index: int) -> tuple[str | None, ...]:
         return self.splits.get(op_index, (None,) * len(self.mesh.shape))
