@@ -107,6 +107,9 @@ class MicroBatchStream:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from a saved state; the seed must match the one this stream was built with."""
+        if "epoch" not in state:
+            raise ValueError("the checkpoint was trained on a data spec (--data_sources), not a prepared folder: "
+                             "resume with the same --data_sources flags")
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"the checkpoint's data order used seed {state['seed']} but this run uses "
                              f"{self.seed}; pass --seed {state['seed']} to resume the same order")
@@ -134,3 +137,35 @@ class MicroBatchStream:
                              f"model expects {self.sequence_length}; re-tokenize or recompile")
         input_ids = input_ids.to(device=self.device, dtype=torch.long, non_blocking=True)
         return {"input_ids": input_ids, "labels": input_ids}
+
+
+def make_batch_stream(
+    dataset: Any,
+    *,
+    micro_batch_size: int,
+    dp_size: int,
+    copy_index: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    sequence_length: int | None = None,
+) -> Any:
+    """The micro-batch stream for ``dataset``: a prepared folder's Dataset or a ``DataSpec``.
+
+    A Dataset gives a ``MicroBatchStream``; a DataSpec gives a ``PackedBatchLoader`` (streamed,
+    tokenized and packed on the fly; ``sequence_length`` required), with the loader options the
+    spec carries in ``extra`` (``workers``, ``prefetch``). Both have ``next()``, ``state_dict()``,
+    ``load_state_dict()``; call ``close()`` on the result when it has one.
+    """
+    from .data_spec import DataSpec
+
+    if not isinstance(dataset, DataSpec):
+        return MicroBatchStream(dataset, micro_batch_size=micro_batch_size, dp_size=dp_size, copy_index=copy_index,
+                                seed=seed, device=device, sequence_length=sequence_length)
+    from .data_loader import PackedBatchLoader
+
+    if sequence_length is None:
+        raise ValueError("a data spec needs a sequence length: pass --sequence_length")
+    return PackedBatchLoader(dataset, sequence_length=sequence_length, micro_batch_size=micro_batch_size,
+                             dp_size=dp_size, copy_index=copy_index, seed=seed, device=device,
+                             workers=int(dataset.extra.get("workers", 1)),
+                             prefetch=int(dataset.extra.get("prefetch", 4)))
