@@ -87,21 +87,21 @@ def _model(args: AccuracyArgs, seq_len: int, dtype: torch.dtype) -> torch.nn.Mod
 def compile_and_estimate(args: AccuracyArgs, policy: str, recompute: str, seq_len: int, plan_ngpus: int,
                          out: Path) -> dict:
     """Compile one configuration into ``out`` and return the cost model's estimate of it."""
-    from dimshard.planner.compile import compile_model
-    from dimshard.planner.cost import estimate, load_hw_profile
-    from dimshard.planner.hf import chunked_causal_lm_forward
+    from dimshard.planner import CompileConfig, compile_model
+    from dimshard.planner.cost import estimate
+    from dimshard.planner.hardware import load_hw_profile
 
     hw = load_hw_profile(args.hw_profile)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     ids = torch.zeros(1, seq_len, dtype=torch.long)
+    config = CompileConfig(
+        plan_ngpus=plan_ngpus, policy=policy, recompute=recompute, param_dtype=dtype,
+        memory_budget_gb=args.memory_budget_gb or None, loss="chunked_cross_entropy",
+        loss_chunk_size=args.loss_chunk_size, hw_profile=args.hw_profile or None,
+        fused_kernels=args.fused_kernels == "on" or (args.fused_kernels == "auto" and args.device != "cpu"))
     start = time.perf_counter()
-    result = compile_model(_model(args, seq_len, dtype), {"input_ids": ids, "labels": ids.clone()}, out,
-                           plan_ngpus=plan_ngpus, policy=policy, recompute=recompute, param_dtype=dtype,
-                           memory_budget_gb=args.memory_budget_gb or None,
-                           forward_fn=chunked_causal_lm_forward(args.loss_chunk_size),
-                           fused_kernels=args.fused_kernels == "on" or (args.fused_kernels == "auto" and args.device != "cpu"),
-                           policy_options={"hw_profile": args.hw_profile})
-    search = result.policy_context.extra.get("auto_search")
+    result = compile_model(_model(args, seq_len, dtype), {"input_ids": ids, "labels": ids.clone()}, out, config)
+    search = result.plan.search
     est = search.best.estimate if search is not None else estimate(result.graph, result.resolved, hw)
     m = est.memory
     # This loop has no optimizer and no preallocated gradient buffers (its .grad tensors appear as

@@ -5,60 +5,62 @@
 Builds a Llama-3-8B-shaped model (hidden 4096, 32 heads, 8 KV heads, intermediate 14336,
 vocabulary 128256) with ``--num_layers`` layers, compiles it with the chunked cross-entropy loss,
 and times full training steps (forward, backward, gradient reduction, ZeRO AdamW) on random
-tokens with the runtime the trainer uses. MFU follows DESIGN.md: 3*2*(N*S + 2*L*H*S^2) FLOPs
-per sequence over 989 TFLOP/s per GPU.
+tokens with the runtime the trainer uses. MFU follows docs/design.md ("Measuring: MFU"):
+6*(N*S + 2*L*H*S^2) FLOPs per sequence over 989 TFLOP/s per GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from dimshard.cli import parse_dataclass_args
+
 PEAK_TFLOPS = 989.0
 
 
-def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--num_layers", type=int, default=4, help="decoder layers of the Llama-3-8B-shaped model")
-    p.add_argument("--seq_len", type=int, default=8192, help="tokens per sequence")
-    p.add_argument("--micro_batch_size", type=int, default=1, help="sequences per micro-batch per model copy")
-    p.add_argument("--grad_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--plan_ngpus", type=int, default=1, help="GPUs in one model copy (the rest are data parallel)")
-    p.add_argument("--policy", default="dp", help="partition policy: dp, tp, tp_sp, tp_batch, auto")
-    p.add_argument("--recompute", default="none", help="none, layer, or a comma-separated list of scopes")
-    p.add_argument("--memory_budget_gb", type=float, default=None, help="budget for the auto policy")
-    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    p.add_argument("--loss_chunk_size", type=int, default=0, help="tokens per chunk of the chunked loss; 0: automatic")
-    p.add_argument("--fused_kernels", choices=("on", "off"), default="on",
-                   help="trace RMSNorm/SwiGLU/rotary as the fused Triton kernels (as train.py does on GPU)")
-    p.add_argument("--compile_dir", default="/tmp/dimshard_bench", help="where the compile output is written")
-    p.add_argument("--json_out", default=None, help="append the result as one JSON line to this file")
-    p.add_argument("--hidden_size", type=int, default=4096, help="hidden size (shrink for smoke tests)")
-    p.add_argument("--intermediate_size", type=int, default=14336, help="MLP width")
-    p.add_argument("--num_heads", type=int, default=32, help="attention heads")
-    p.add_argument("--num_kv_heads", type=int, default=8, help="key/value heads")
-    p.add_argument("--vocab_size", type=int, default=128256, help="vocabulary size")
-    return p.parse_args(argv)
+@dataclass
+class MfuArgs:
+    """Flags of the benchmark (one field per flag)."""
+
+    num_layers: int = field(default=4, metadata={"help": "decoder layers of the Llama-3-8B-shaped model"})
+    seq_len: int = field(default=8192, metadata={"help": "tokens per sequence"})
+    micro_batch_size: int = field(default=1, metadata={"help": "sequences per micro-batch per model copy"})
+    grad_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    plan_ngpus: int = field(default=1, metadata={"help": "GPUs in one model copy (the rest are data parallel)"})
+    policy: str = field(default="dp", metadata={"help": "partition policy: dp, tp, tp_sp, tp_batch, auto"})
+    recompute: str = field(default="none", metadata={"help": "none, layer, auto, or a comma-separated list of scopes"})
+    memory_budget_gb: float | None = field(default=None, metadata={"help": "per-GPU budget for the auto policy"})
+    steps: int = field(default=6, metadata={"help": "timed optimizer steps"})
+    warmup: int = field(default=2, metadata={"help": "untimed optimizer steps first"})
+    loss_chunk_size: int = field(default=0, metadata={"help": "tokens per chunk of the chunked loss; 0: automatic"})
+    fused_kernels: bool = field(default=True, metadata={
+        "help": "trace RMSNorm/SwiGLU/rotary as the fused Triton kernels (as train.py does on GPU)"})
+    compile_dir: str = field(default="/tmp/dimshard_bench", metadata={"help": "where the compile output is written"})
+    json_out: str | None = field(default=None, metadata={"help": "append the result as one JSON line to this file"})
+    hidden_size: int = field(default=4096, metadata={"help": "hidden size (shrink for smoke tests)"})
+    intermediate_size: int = field(default=14336, metadata={"help": "MLP width"})
+    num_heads: int = field(default=32, metadata={"help": "attention heads"})
+    num_kv_heads: int = field(default=8, metadata={"help": "key/value heads"})
+    vocab_size: int = field(default=128256, metadata={"help": "vocabulary size"})
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; rank 0 prints and returns the result record."""
-    args = _args(argv)
+    args = parse_dataclass_args(MfuArgs, argv, description=__doc__.split("\n\n")[0])
     if not torch.cuda.is_available():
         sys.exit("benchmarks/train_mfu.py measures GPUs: no CUDA device is visible here")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dimshard.planner.compile import compile_model
-    from dimshard.planner.hf import chunked_causal_lm_forward
+    from dimshard.planner import CompileConfig, compile_model
     from dimshard.runtime.distributed import init_parallel
     from dimshard.runtime.grad_reducer import GradReducer
     from dimshard.runtime.metrics import flops_per_sequence
@@ -85,11 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
             model = LlamaForCausalLM(config)
         ids = torch.zeros(args.micro_batch_size, args.seq_len, dtype=torch.long)
         start = time.perf_counter()
-        compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, plan_ngpus=args.plan_ngpus,
-                      policy=args.policy, recompute=args.recompute, param_dtype=torch.bfloat16,
-                      memory_budget_gb=args.memory_budget_gb,
-                      forward_fn=chunked_causal_lm_forward(args.loss_chunk_size),
-                      fused_kernels=args.fused_kernels == "on")
+        config = CompileConfig(plan_ngpus=args.plan_ngpus, policy=args.policy, recompute=args.recompute,
+                               param_dtype=torch.bfloat16, memory_budget_gb=args.memory_budget_gb,
+                               fused_kernels=args.fused_kernels, loss="chunked_cross_entropy",
+                               loss_chunk_size=args.loss_chunk_size)
+        compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
         compile_seconds = time.perf_counter() - start
     dist.barrier()
     plan = read_plan(args.compile_dir)

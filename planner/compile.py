@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import time
@@ -15,54 +14,32 @@ from typing import Any
 import torch
 
 from .codegen import generate_rank_code, shard_holders, shard_slices
+from .compile_config import CHUNKED_LOSS, FORMAT_VERSION, MODEL_LOSS, CompileConfig
 from .fusion import fused_kernels as fused_kernels_in
 from .graph import Graph
+from .hardware import load_hw_profile
 from .offload_plan import apply_offload_request, offload_manifest
 from .plan import Plan, ResolvedPlan, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, get_policy
 from .report import write_plan_report
-from .trace import default_output, trace
-
-FORMAT_VERSION = 1
+from .trace import trace
 
 
 @dataclass
 class CompileResult:
-    """What ``compile_model`` produced: the folder, the graph, the plan and its placements.
+    """What ``compile_model`` produced: the folder, the graph, the plan (with its provenance) and its placements.
 
-    ``policy_context`` is the context the policy was called with; what a policy leaves in its
-    ``extra`` stays there (``auto`` leaves its search result under ``"auto_search"``).
+    ``config`` is the ``CompileConfig`` bound to the model; ``fingerprint`` is its fingerprint,
+    also written into ``plan.json``.
     """
 
     output_dir: Path
     graph: Graph
     plan: Plan
     resolved: ResolvedPlan
+    config: CompileConfig
     fingerprint: str
     seconds: float
-    policy_context: PolicyContext
-
-
-def _config_dict(model: torch.nn.Module) -> dict:
-    config = getattr(model, "config", None)
-    if config is None:
-        return {"class": type(model).__name__}
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-    return json.loads(json.dumps(d, sort_keys=True, default=str))
-
-
-def compile_fingerprint(model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], plan_ngpus: int,
-                        policy: str, recompute: str, param_dtype: torch.dtype | None, extra: Mapping | None) -> str:
-    """A hash of everything that determines the compile output (config, shapes, plan options)."""
-    from .. import __version__
-
-    payload = {
-        "format": FORMAT_VERSION, "version": __version__, "config": _config_dict(model), "model": type(model).__name__,
-        "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in example_inputs.items()},
-        "plan_ngpus": plan_ngpus, "policy": policy, "recompute": recompute, "param_dtype": str(param_dtype),
-        "extra": dict(extra or {}),
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _buffer_values(model: torch.nn.Module, graph: Graph) -> dict[str, torch.Tensor]:
@@ -91,7 +68,7 @@ def _buffer_values(model: torch.nn.Module, graph: Graph) -> dict[str, torch.Tens
     return out
 
 
-def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, fingerprint: str,
+def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, compile_config: CompileConfig,
                example_inputs: Mapping[str, torch.Tensor]) -> dict:
     mesh = resolved.plan.mesh
     params = []
@@ -132,52 +109,58 @@ def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, fin
             "seq_len": int(seq_len),
             "model_class": type(model).__name__,
         },
-        "fingerprint": fingerprint,
+        "compile_config": compile_config.describe(),
+        "fingerprint": compile_config.fingerprint(),
     }
 
 
-def compile_model(
-    model: torch.nn.Module,
-    example_inputs: Mapping[str, torch.Tensor],
-    output_dir: str | Path,
-    plan_ngpus: int = 1,
-    policy: str | Callable[..., Plan] = "dp",
-    recompute: str = "none",
-    param_dtype: torch.dtype | None = None,
-    output_fn: Callable[[Any], torch.Tensor] = default_output,
-    memory_budget_gb: float | None = None,
-    extra_fingerprint: Mapping | None = None,
-    forward_fn: Callable[..., Any] | None = None,
-    fused_kernels: bool = False,
-    policy_options: Mapping[str, Any] | None = None,
-) -> CompileResult:
-    """Trace ``model`` on ``example_inputs`` (real token-id tensors), plan it, write the compile output.
+def _forward_fn(config: CompileConfig, forward_fn: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """The traced forward the config's ``loss`` names (see ``CompileConfig``)."""
+    if config.loss == CHUNKED_LOSS:
+        if forward_fn is not None:
+            raise ValueError(f"loss='{CHUNKED_LOSS}' builds its own forward; pass no forward_fn, or name yours "
+                             "with another loss value")
+        from .hf import chunked_causal_lm_forward
 
-    ``output_dir`` receives ``plan.json``, ``gencode/rank{r}.py`` for r < plan_ngpus and
-    ``buffers.safetensors``; an existing ``gencode`` folder is replaced. ``policy`` is a built-in
-    name (dp, tp, tp_sp, tp_batch, auto) or a function ``(graph, ctx) -> Plan``. ``param_dtype``
-    (e.g. torch.bfloat16) is the dtype the runtime keeps parameters in; the graph is traced with it.
-    ``forward_fn(model, **inputs)``, when given, replaces ``model(**inputs)`` (see ``trace``).
-    ``fused_kernels`` traces RMSNorm, the SwiGLU activation and rotary embedding as dimshard's
-    fused kernels (see ``planner/fusion.py``). ``policy_options`` go to the policy as
-    ``PolicyContext.extra`` (for ``auto`` and the report: ``hw_profile``, ``dp_size``, ``zero``,
-    ``mesh_shapes``); they are part of the fingerprint. ``plan_report.md`` (the explain-plan page of
-    ``planner/report.py``) is written next to ``plan.json`` for every policy.
+        return chunked_causal_lm_forward(config.loss_chunk_size)
+    if config.loss == MODEL_LOSS and forward_fn is not None:
+        raise ValueError("a forward_fn changes the compile output but a function cannot be fingerprinted: "
+                         "name it with CompileConfig(loss='<name of your forward>')")
+    if config.loss != MODEL_LOSS and forward_fn is None:
+        raise ValueError(f"CompileConfig.loss is '{config.loss}', which names a forward_fn: pass it to compile_model "
+                         f"(or use loss='{MODEL_LOSS}' or '{CHUNKED_LOSS}')")
+    return forward_fn
+
+
+def compile_model(model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], output_dir: str | Path,
+                  config: CompileConfig, forward_fn: Callable[..., Any] | None = None) -> CompileResult:
+    """Trace ``model`` on ``example_inputs`` (real token-id tensors), plan it under ``config``, write the output.
+
+    ``output_dir`` receives ``plan.json`` (with ``config``'s fingerprint), ``gencode/rank{r}.py``
+    for r < plan_ngpus, ``buffers.safetensors`` and ``plan_report.md`` (``planner/report.py``);
+    an existing ``gencode`` folder is replaced. The graph is traced with parameters in
+    ``config.param_dtype`` (the dtype the runtime keeps them in) and, with ``fused_kernels``,
+    RMSNorm, SwiGLU and rotary as dimshard's fused kernels (``planner/fusion.py``).
+    ``forward_fn(model, **inputs)`` replaces ``model(**inputs)`` (see ``trace``); it must be named
+    by ``config.loss``. The returned plan carries its provenance (``Plan.name``, ``Plan.search``).
+    Raises PlanError, TraceError or CodegenError saying what to change.
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
-    policy_name = policy if isinstance(policy, str) else getattr(policy, "__name__", "custom")
-    fingerprint = compile_fingerprint(model, example_inputs, plan_ngpus, policy_name, recompute, param_dtype,
-                                      {**dict(extra_fingerprint or {}), "fused_kernels": fused_kernels,
-                                       "policy_options": dict(policy_options or {})})
-    with fused_kernels_in(model) if fused_kernels else contextlib.nullcontext():
-        graph = trace(model, example_inputs, output_fn=output_fn, param_dtype=param_dtype, forward_fn=forward_fn)
-    ctx = PolicyContext(plan_ngpus=plan_ngpus, recompute=recompute, memory_budget_gb=memory_budget_gb,
-                        extra=dict(policy_options or {}))
-    policy_fn = get_policy(policy) if isinstance(policy, str) else policy
-    plan = policy_fn(graph, ctx)
-    if plan.mesh.size != plan_ngpus:
-        raise ValueError(f"policy '{policy_name}' returned a mesh of {plan.mesh.size} devices for plan_ngpus {plan_ngpus}")
+    config = config.for_model(model, example_inputs)
+    forward = _forward_fn(config, forward_fn)
+    with fused_kernels_in(model) if config.fused_kernels else contextlib.nullcontext():
+        graph = trace(model, example_inputs, param_dtype=config.param_dtype, forward_fn=forward)
+    # The policy sees the very profile whose contents the fingerprint holds.
+    ctx = PolicyContext(plan_ngpus=config.plan_ngpus, recompute=config.recompute,
+                        memory_budget_gb=config.memory_budget_gb,
+                        extra={**config.policy_options, "hw_profile": load_hw_profile(config.hw_profile)})
+    plan = get_policy(config.policy)(graph, ctx)
+    if plan.mesh.size != config.plan_ngpus:
+        raise ValueError(f"policy '{config.policy}' returned a mesh of {plan.mesh.size} devices for plan_ngpus "
+                         f"{config.plan_ngpus}")
+    if plan.name == "custom":  # the default name: record which registered policy chose the plan
+        plan.name = config.policy
     plan = apply_offload_request(graph, plan, ctx.extra)
     resolved = resolve_placements(graph, plan)
 
@@ -192,9 +175,10 @@ def compile_model(
 
     save_file(_buffer_values(model, graph), str(output_dir / "buffers.safetensors"))
     write_plan_report(graph, resolved, ctx, output_dir / "plan_report.md")
-    manifest = _plan_json(graph, resolved, model, fingerprint, example_inputs)
+    manifest = _plan_json(graph, resolved, model, config, example_inputs)
     # plan.json last: its presence marks a complete compile output.
     tmp = output_dir / "plan.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.replace(output_dir / "plan.json")
-    return CompileResult(output_dir, graph, plan, resolved, fingerprint, time.perf_counter() - start, ctx)
+    return CompileResult(output_dir, graph, plan, resolved, config, manifest["fingerprint"],
+                         time.perf_counter() - start)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import product
+from typing import TYPE_CHECKING
 
 from .annotations import Annotation
 from .graph import ACTIVATION, Graph, Op
+
+if TYPE_CHECKING:
+    from .search import SearchResult
 
 
 class PlanError(ValueError):
@@ -87,19 +91,33 @@ class Mesh:
 
 @dataclass
 class Plan:
-    """A partition plan: per op index, per mesh axis, the annotation name to split (or None)."""
+    """A partition plan: per op index, per mesh axis, the annotation name to split (or None).
+
+    Provenance: ``name`` is the policy that chose the plan (``compile_model`` fills in the
+    registered name when a policy leaves the default); ``search`` is the search that found it,
+    for ``auto`` its ``SearchResult`` (the chosen candidate's estimate, the runner-ups and
+    timings), None for a policy that does not search.
+    """
 
     mesh: Mesh
     splits: dict[int, tuple[str | None, ...]] = field(default_factory=dict)
     recompute_scopes: list[str] = field(default_factory=list)
     name: str = "custom"
+    # The search result holds this plan among its candidates: keep it out of == and repr.
+    search: SearchResult | None = field(default=None, compare=False, repr=False)
     # CPU offload (planner/offload_plan.py): recomputed scopes whose inputs wait in host memory
     # for the backward, and whether AdamW's fp32 state lives in host memory.
     offload_scopes: list[str] = field(default_factory=list)
     offload_optimizer: bool = False
 
     def split_of(self, op_index: int) -> tuple[str | None, ...]:
+        """The split of op ``op_index``: one annotation name or None per mesh axis (None: not split)."""
         return self.splits.get(op_index, (None,) * len(self.mesh.shape))
+
+    @property
+    def runner_ups(self) -> list:
+        """The search's other candidates, best first (empty when the plan was not searched)."""
+        return [] if self.search is None else [c for c in self.search.candidates if c.plan is not self]
 
 
 TensorPlacement = tuple  # one Placement per mesh axis

@@ -1,4 +1,6 @@
-"""Built-in partition policies. A policy is ``policy(graph, ctx) -> Plan``; write your own the same way.
+"""Built-in partition policies and the policy registry. A policy is ``policy(graph, ctx) -> Plan``.
+
+Write your own the same way and register it with ``register_policy`` (see docs/design.md, "Adding a policy").
 
 The built-ins seed a few ops by their role in a decoder layer (Hugging Face module names:
 ``self_attn``, ``mlp``, ``*_proj``) and let every other op *follow* its inputs: an op splits the
@@ -10,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .graph import PARAMETER, Graph, Op
 from .plan import Mesh, Partial, Plan, PlanError, Replicate, Shard, op_placements
@@ -201,11 +204,36 @@ def tp_batch(graph: Graph, ctx: PolicyContext) -> Plan:
     return _plan_by_seeds(graph, mesh, [_tp_seed, _batch_seed], ctx, "tp_batch")
 
 
-POLICIES: dict[str, Callable[[Graph, PolicyContext], Plan]] = {"dp": dp, "tp": tp, "tp_sp": tp_sp, "tp_batch": tp_batch}
+Policy = Callable[[Graph, PolicyContext], Plan]
+POLICIES: dict[str, Policy] = {}
 
 
-def get_policy(name: str) -> Callable[[Graph, PolicyContext], Plan]:
-    """A built-in policy by name: dp, tp, tp_sp, tp_batch, or auto (registered by ``planner/search.py``)."""
+def register_policy(name: str, fn: Policy | None = None, *, replace: bool = False) -> Any:
+    """Make ``fn(graph, ctx) -> Plan`` available as ``CompileConfig(policy=name)``; usable as a decorator.
+
+    ``@register_policy("mine")`` above a function registers it and returns it unchanged. A name
+    already taken by another function raises PlanError unless ``replace=True``.
+    """
+    def register(policy: Policy) -> Policy:
+        if not callable(policy):
+            raise PlanError(f"policy '{name}' must be a function (graph, ctx) -> Plan, got {policy!r}")
+        taken = POLICIES.get(name)
+        if taken is not None and taken is not policy and not replace:
+            raise PlanError(f"a policy named '{name}' is already registered ({taken.__module__}.{taken.__qualname__}); "
+                            "pick another name or pass replace=True")
+        POLICIES[name] = policy
+        return policy
+
+    return register if fn is None else register(fn)
+
+
+for _name, _policy in (("dp", dp), ("tp", tp), ("tp_sp", tp_sp), ("tp_batch", tp_batch)):
+    register_policy(_name, _policy)
+
+
+def get_policy(name: str) -> Policy:
+    """The policy registered as ``name``: the built-ins dp, tp, tp_sp, tp_batch, auto, or one of ``register_policy``."""
     if name not in POLICIES:
-        raise PlanError(f"unknown policy '{name}'; choose one of {sorted(POLICIES)} or pass a function")
+        raise PlanError(f"unknown policy '{name}'; choose one of {sorted(POLICIES)} or register yours with "
+                        "planner.register_policy")
     return POLICIES[name]

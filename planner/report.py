@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cost import GB, Estimate, HardwareProfile, estimate, load_hw_profile
+from .cost import GB, Estimate, estimate
 from .graph import Graph
+from .hardware import HardwareProfile, load_hw_profile
 from .plan import ResolvedPlan, Shard
 from .policies import PolicyContext, decoder_layer_scopes
 
@@ -200,13 +201,13 @@ def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwar
 def write_plan_report(graph: Graph, resolved: ResolvedPlan, ctx: PolicyContext, path: str | Path) -> str:
     """Write ``plan_report.md`` for any policy's resolved plan and return its text.
 
-    Uses the auto search's result (estimates and runner-ups) when ``ctx.extra["auto_search"]`` holds
-    it; otherwise estimates the plan with ``ctx.extra["hw_profile"]`` (default: ``default_hw_profile()``)
-    and ``ctx.extra["dp_size"]`` (default 1).
+    A searched plan (``resolved.plan.search``, set by ``auto``) is reported with the search's own
+    estimate and runner-ups; any other plan is estimated here with ``ctx.extra["hw_profile"]``
+    (default: ``default_hw_profile()``) and ``ctx.extra["dp_size"]`` (default 1).
     """
     extra = ctx.extra or {}
-    result = extra.get("auto_search")
-    if result is not None and result.best.plan is resolved.plan:
+    result = resolved.plan.search
+    if result is not None:
         hw = result.hw
         est = result.best.estimate
         note = (f"Searched in {result.seconds:.1f} s ({result.solves} exact solves"

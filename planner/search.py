@@ -40,7 +40,7 @@ limit), ``recompute`` (``auto``: searched; ``none``; ``layer``: every layer; or 
 list of scopes, kept as given) and ``extra``: ``hw_profile`` (name, path or HardwareProfile;
 default ``cost.default_hw_profile()``), ``dp_size`` (data-parallel copies, default 1), ``zero``
 (ZeRO-1, default True), ``mesh_shapes`` (the meshes to try, default ``candidate_meshes``).
-``auto`` leaves its ``SearchResult`` in ``ctx.extra["auto_search"]`` for the plan report.
+The plan ``auto`` returns carries its ``SearchResult`` as ``plan.search`` (the plan report reads it).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from .layers import layer_structure, mlp_scopes
 from .op_costs import SDPA, is_chunked_loss
 from .placement_problem import PlacementProblem, Weights
 from .plan import Mesh, Plan, PlanError, resolve_placements
-from .policies import POLICIES, PolicyContext, decoder_layer_scopes, recompute_scopes
+from .policies import PolicyContext, decoder_layer_scopes, recompute_scopes, register_policy
 from .solver import minimize
 
 # Re-exported for callers that imported them from here before the solver and layer modules existed.
@@ -239,12 +239,12 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
 def auto(graph: Graph, ctx: PolicyContext) -> Plan:
     """Policy ``auto``: the fastest estimated plan within ``ctx.memory_budget_gb`` (see the module docstring).
 
-    Leaves the SearchResult (chosen plan, runner-ups and their estimates) in ``ctx.extra["auto_search"]``.
+    The plan carries its provenance: ``plan.search`` is the SearchResult (runner-ups, estimates).
     """
     result = search(graph, ctx)
-    if ctx.extra is not None:
-        ctx.extra["auto_search"] = result
-    return result.best.plan
+    plan = result.best.plan
+    plan.search = result
+    return plan
 
 
-POLICIES["auto"] = auto
+register_policy("auto", auto)

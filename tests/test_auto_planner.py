@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 from parallel_harness import assemble, max_diff, mini_llama_config, rank_step, reference_step, save_weights
 
-from dimshard.planner import register_op, trace
-from dimshard.planner.compile import compile_model
+from dimshard.planner import CompileConfig, compile_model, register_op, trace
 from dimshard.planner.cost import GB
 from dimshard.planner.plan import PlanError, Shard
 from dimshard.planner.policies import POLICIES, PolicyContext
@@ -83,9 +82,9 @@ def test_auto_plan_matches_single_process(tmp_path, mini_graph, plan_ngpus, reco
     model = LlamaForCausalLM(mini_llama_config())
     input_ids = torch.randint(0, 128, (4, 16))
     budget = None if budget_fraction is None else budget_fraction * _peak_gb(mini_graph, plan_ngpus)
-    result = compile_model(model, {"input_ids": input_ids, "labels": input_ids.clone()}, tmp_path / "out",
-                           plan_ngpus=plan_ngpus, policy="auto", recompute=recompute, memory_budget_gb=budget,
-                           policy_options={"hw_profile": "h100", **extra})
+    config = CompileConfig(plan_ngpus=plan_ngpus, policy="auto", recompute=recompute, memory_budget_gb=budget,
+                           hw_profile="h100", policy_options=extra)
+    result = compile_model(model, {"input_ids": input_ids, "labels": input_ids.clone()}, tmp_path / "out", config)
     sharded = [t for t in result.graph.parameters.values()
                if any(isinstance(p, Shard) for p in result.resolved.stored[t])]
     assert sharded, "the plan splits no parameter: the check would not exercise a parallel plan"
@@ -193,12 +192,13 @@ def test_llama3_8b_128k_on_8_gpus_plans_within_80gb(tmp_path):
     causal_lm.model.rotary_emb = type(causal_lm.model.rotary_emb)(config=config)
     ids = torch.zeros(1, 131072, dtype=torch.long)
     start = time.perf_counter()
+    config = CompileConfig(plan_ngpus=8, policy="auto", recompute="auto", param_dtype=torch.bfloat16,
+                           memory_budget_gb=80.0, hw_profile="h100")
     result = compile_model(ChunkedLossLlama(causal_lm), {"input_ids": ids, "labels": ids.clone()}, tmp_path / "out",
-                           plan_ngpus=8, policy="auto", recompute="auto", param_dtype=torch.bfloat16,
-                           memory_budget_gb=80.0, policy_options={"hw_profile": "h100"})
+                           config)
     seconds = time.perf_counter() - start
     print((tmp_path / "out" / "plan_report.md").read_text())
-    best = result.policy_context.extra["auto_search"].best
+    best = result.plan.search.best
     mfu = model_mfu(result.graph, best.estimate, 8)
     print(f"compile {seconds:.1f} s; {best.estimate.summary()}; estimated MFU {mfu * 100:.1f}%")
     assert seconds < 60

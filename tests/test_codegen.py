@@ -9,7 +9,7 @@ import pytest
 import torch
 from parallel_harness import mini_llama_config
 
-from dimshard.planner.compile import compile_model
+from dimshard.planner import CompileConfig, compile_model
 from dimshard.planner.plan import PARTIAL, REPLICATE, Mesh, Plan, PlanError, Shard, resolve_placements
 from dimshard.planner.redistribute import redistribution_steps
 
@@ -22,7 +22,7 @@ def tp_output(tmp_path_factory):
     model = LlamaForCausalLM(mini_llama_config())
     ids = torch.randint(0, 128, (2, 16))
     out = tmp_path_factory.mktemp("tp")
-    compile_model(model, {"input_ids": ids, "labels": ids}, out, plan_ngpus=2, policy="tp", recompute="layer")
+    compile_model(model, {"input_ids": ids, "labels": ids}, out, CompileConfig(plan_ngpus=2, policy="tp", recompute="layer"))
     return out
 
 

@@ -16,7 +16,7 @@ import torch
 from dist_utils import run_distributed
 from parallel_harness import assemble, max_diff, mini_llama_config, rank_step, reference_step, save_weights
 
-from dimshard.planner.compile import compile_model
+from dimshard.planner import CompileConfig, compile_model
 
 TOL = 1e-5
 
@@ -43,17 +43,15 @@ CASES = [
 def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, recompute, optimizer, fused, loss):
     from transformers import LlamaForCausalLM
 
-    from dimshard.planner.hf import chunked_causal_lm_forward
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(mini_llama_config())
     input_ids = torch.randint(0, 128, (4, 16))
     dp_size = world // plan_ngpus
     example = input_ids[: 4 // dp_size]
-    compile_model(model, {"input_ids": example, "labels": example.clone()}, tmp_path / "out",
-                  plan_ngpus=plan_ngpus, policy=policy, recompute=recompute, fused_kernels=fused,
-                  # 5 tokens per chunk: chunks that divide neither the sequence nor a rank's share of it
-                  forward_fn=chunked_causal_lm_forward(5) if loss == "chunked" else None)
+    config = CompileConfig(plan_ngpus=plan_ngpus, policy=policy, recompute=recompute, fused_kernels=fused,
+                           # 5 tokens per chunk: chunks that divide neither the sequence nor a rank's share of it
+                           **({"loss": "chunked_cross_entropy", "loss_chunk_size": 5} if loss == "chunked" else {}))
+    compile_model(model, {"input_ids": example, "labels": example.clone()}, tmp_path / "out", config)
     if loss == "chunked":
         assert "chunk_linear_cross_entropy(" in (tmp_path / "out" / "gencode" / "rank1.py").read_text()
     save_weights(model, tmp_path / "weights.safetensors")

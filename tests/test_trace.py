@@ -12,8 +12,7 @@ import torch
 from parallel_harness import mini_llama_config
 from safetensors.torch import load_file
 
-from dimshard.planner import TraceError, register_op, trace
-from dimshard.planner.compile import compile_model
+from dimshard.planner import CompileConfig, TraceError, compile_model, register_op, trace
 from dimshard.runtime.distributed import destroy_parallel, init_parallel
 from dimshard.runtime.module import load_parallel_module, read_plan
 
@@ -43,7 +42,7 @@ def test_single_rank_module_equals_hf_model(tmp_path, kind):
     ids = torch.randint(0, 96, (2, 24))
     labels = ids.clone()
     labels[0, :3] = -100  # ignored positions must be handled like the original
-    compile_model(model, {"input_ids": ids, "labels": labels}, tmp_path, plan_ngpus=1, policy="dp")
+    compile_model(model, {"input_ids": ids, "labels": labels}, tmp_path, CompileConfig(plan_ngpus=1, policy="dp"))
     ctx = init_parallel(read_plan(tmp_path), backend="gloo")  # on the CPU, like the reference model
     module = load_parallel_module(tmp_path, ctx)
     module.load_full_state_dict(model.state_dict())
@@ -101,7 +100,7 @@ def test_register_op_is_one_op_and_still_callable(tmp_path):
     assert str(custom[0].annotation) == "b l d^, n^ d^, b l -> b l"
     assert not any(op.name == "torch.nn.functional.cross_entropy" for op in graph.ops)  # nothing inside traced
     eager = model(ids, ids)  # the decorated function runs normally outside tracing
-    compile_model(model, {"input_ids": ids, "labels": ids}, tmp_path, plan_ngpus=1, policy="dp")
+    compile_model(model, {"input_ids": ids, "labels": ids}, tmp_path, CompileConfig(plan_ngpus=1, policy="dp"))
     assert "from tests.test_trace import _token_loss" in (tmp_path / "gencode" / "rank0.py").read_text() or \
         "import _token_loss" in (tmp_path / "gencode" / "rank0.py").read_text()
     ctx = init_parallel(read_plan(tmp_path), backend="gloo")  # on the CPU, like the reference model
@@ -130,7 +129,7 @@ def test_op_without_annotation_is_a_clear_error():
 def test_buffers_and_inputs_are_saved_with_the_compile_output(tmp_path):
     model = _small("llama")
     ids = torch.randint(0, 96, (1, 8))
-    compile_model(model, {"input_ids": ids, "labels": ids}, tmp_path, plan_ngpus=1, policy="dp")
+    compile_model(model, {"input_ids": ids, "labels": ids}, tmp_path, CompileConfig(plan_ngpus=1, policy="dp"))
     plan = read_plan(tmp_path)
     assert [b["name"] for b in plan["buffers"]] == ["model.rotary_emb.inv_freq"]
     saved = load_file(str(tmp_path / "buffers.safetensors"))

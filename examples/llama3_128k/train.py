@@ -12,7 +12,6 @@ sequence, and no process ever holds the [tokens, vocabulary] logits.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -87,62 +86,55 @@ MEMORY_MARGIN = 0.08
 
 
 def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
-    """The planner's options (hardware profile, data-parallel copies) and the per-GPU memory budget.
+    """The policy's options (data-parallel copies, ZeRO) and the per-GPU memory budget.
 
-    The budget is ``--memory_budget_gb``, or for ``--policy auto`` the profile's GPU memory less
-    8% (see MEMORY_MARGIN); other policies get no budget (the report still shows their memory).
-    Only ``auto`` depends on the data-parallel degree, so only its compile output is tied to
-    ``--runtime_ngpus``.
+    The budget is ``--memory_budget_gb``, or for ``--policy auto`` the hardware profile's GPU
+    memory less 8% (see MEMORY_MARGIN); other policies get no budget (the report still shows
+    their memory). Only ``auto`` depends on the data-parallel degree, so only its compile output
+    is tied to ``--runtime_ngpus``.
     """
-    from dimshard.planner.cost import load_hw_profile
+    from dimshard.planner.hardware import load_hw_profile
 
-    hw = load_hw_profile(args.hw_profile)
-    options = {"hw_profile": args.hw_profile or hw.name}
+    options: dict = {}
     if args.policy == "auto":
         # The search weighs ZeRO-1's sharded optimizer state; other plans stay valid for any runtime_ngpus.
         options.update(dp_size=args.runtime_ngpus // args.plan_ngpus, zero=args.zero)
     budget = args.memory_budget_gb
-    if budget is None and args.policy == "auto" and hw.memory_gb:
-        budget = round(hw.memory_gb * (1 - MEMORY_MARGIN), 1)
+    memory_gb = load_hw_profile(args.hw_profile).memory_gb
+    if budget is None and args.policy == "auto" and memory_gb:
+        budget = round(memory_gb * (1 - MEMORY_MARGIN), 1)
     return options, budget
 
 
 def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
-    """What to compile: the model (on meta), inputs, options and the fingerprint they give."""
-    from dimshard.planner.compile import compile_fingerprint
+    """What to compile: ``(model on meta, example inputs, CompileConfig bound to them)``."""
+    from dimshard.planner import CompileConfig
     from dimshard.planner.hf import build_on_meta, load_config
 
     if not args.model_id:
         raise UserInputError("--model_id is required: a Hugging Face model folder (config.json, weights)")
     if not Path(args.model_id).exists() and Path(args.model_id).is_absolute():
         raise UserInputError(f"--model_id {args.model_id} does not exist")
-    config = load_config(args.model_id)
-    model = build_on_meta(config)
-    sequence_length = _sequence_length(args)
-    inputs = _compile_inputs(args, sequence_length)
-    dtype = _param_dtype(args, for_gpu)
-    recompute = "none" if args.recompute == "auto" and args.policy != "auto" else args.recompute
+    model = build_on_meta(load_config(args.model_id))
+    inputs = _compile_inputs(args, _sequence_length(args))
     options, budget = _policy_options(args)
-    extra = {"loss": "chunk_linear_cross_entropy", "chunk_size": args.loss_chunk_size, "memory_budget_gb": budget}
-    fused = args.fused_kernels == "on" or (args.fused_kernels == "auto" and for_gpu)
-    fingerprint = compile_fingerprint(model, inputs, args.plan_ngpus, args.policy, recompute, dtype,
-                                      {**extra, "fused_kernels": fused, "policy_options": options})
-    return model, inputs, dtype, recompute, extra, fused, options, budget, fingerprint
+    config = CompileConfig(
+        plan_ngpus=args.plan_ngpus, policy=args.policy, policy_options=options, memory_budget_gb=budget,
+        recompute="none" if args.recompute == "auto" and args.policy != "auto" else args.recompute,
+        param_dtype=_param_dtype(args, for_gpu),
+        fused_kernels=args.fused_kernels == "on" or (args.fused_kernels == "auto" and for_gpu),
+        loss="chunked_cross_entropy", loss_chunk_size=args.loss_chunk_size, hw_profile=args.hw_profile or None,
+    )
+    return model, inputs, config.for_model(model, inputs)
 
 
 def compile_stage(args: TrainArgs, for_gpu: bool) -> Path:
     """Write the compile output for ``args`` into ``args.compile_dir`` and print where it is."""
-    import dimshard.planner  # noqa: F401  registers built-in rules and policies
-    from dimshard.planner.compile import compile_model
-    from dimshard.planner.hf import chunked_causal_lm_forward
+    from dimshard.planner import compile_model
 
-    model, inputs, dtype, recompute, extra, fused, options, budget, _ = _compile_request(args, for_gpu)
+    model, inputs, config = _compile_request(args, for_gpu)
     start = time.perf_counter()
-    result = compile_model(
-        model, inputs, args.compile_dir, plan_ngpus=args.plan_ngpus, policy=args.policy, recompute=recompute,
-        param_dtype=dtype, memory_budget_gb=budget, extra_fingerprint=extra,
-        forward_fn=chunked_causal_lm_forward(args.loss_chunk_size), fused_kernels=fused, policy_options=options,
-    )
+    result = compile_model(model, inputs, args.compile_dir, config)
     _log(f"compiled {len(result.graph.ops)} ops under policy '{result.plan.name}' on mesh "
          f"{dict(zip(result.plan.mesh.axis_names, result.plan.mesh.shape))} in {time.perf_counter() - start:.1f}s "
          f"-> {args.compile_dir}")
@@ -153,16 +145,11 @@ def compile_stage(args: TrainArgs, for_gpu: bool) -> Path:
 
 
 def compile_is_current(args: TrainArgs, for_gpu: bool) -> tuple[bool, str]:
-    """Whether ``args.compile_dir`` holds a compile output for exactly this model, plan and shape."""
-    plan_file = Path(args.compile_dir) / "plan.json"
-    if not plan_file.is_file():
-        return False, f"no compile output in {args.compile_dir}"
-    plan = json.loads(plan_file.read_text())
-    *_, fingerprint = _compile_request(args, for_gpu)
-    if plan.get("fingerprint") != fingerprint:
-        return False, (f"the compile output in {args.compile_dir} is stale (model config, sequence length, "
-                       "plan_ngpus, policy, recompute or dtype changed)")
-    return True, "matches"
+    """Whether ``args.compile_dir`` holds a compile output of exactly this config; if not, what changed."""
+    from dimshard.planner import compile_status
+
+    *_, config = _compile_request(args, for_gpu)
+    return compile_status(args.compile_dir, config)
 
 
 def _init_weights(module: object, args: TrainArgs) -> None:
