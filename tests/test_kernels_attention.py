@@ -95,3 +95,123 @@ def test_cuda_matches_math_reference(kv_heads):
     for a, b in zip(ours, ref):
         assert a.dtype == torch.bfloat16
         assert ((a.double() - b).norm() / b.norm()).item() < 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# dimshard's attention op: windows, soft-capping, document ids
+# --------------------------------------------------------------------------------------------
+
+
+def _dense_eager(q, k, v, scale, causal, window, softcap, document_ids):
+    """Hugging Face eager attention with a dense additive mask and repeated K/V: the reference."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    i = torch.arange(q.shape[2])[:, None]
+    j = torch.arange(k.shape[2])[None, :]
+    keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        keep &= (i - j < window) & (j - i < window)
+    keep = keep.expand(q.shape[0], -1, -1)
+    if document_ids is not None:
+        keep = keep & (document_ids[:, :, None] == document_ids[:, None, :])
+    scores = scores + torch.zeros_like(scores).masked_fill(~keep[:, None], float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize(
+    "kv_heads, causal, window, softcap, docs",
+    [
+        (2, True, None, None, False),
+        (2, True, 3, None, False),
+        (4, True, 4, 5.0, False),
+        (1, True, None, 2.0, False),
+        (2, True, None, None, True),
+        (2, True, 5, 3.0, True),
+        (4, False, 3, None, False),
+        (2, True, 64, None, False),  # a window wider than the sequence is plain causal attention
+    ],
+)
+def test_attention_op_matches_dense_eager(kv_heads, causal, window, softcap, docs):
+    from dimshard.kernels.attention import attention
+
+    q, k, v = _qkv(2, 4, kv_heads, 12, 12, 16, dtype=torch.float64)
+    document_ids = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 12]) if docs else None
+    grad = torch.randn(2, 4, 12, 16, dtype=torch.float64)
+    kwargs = dict(scale=0.3, causal=causal, window=window, softcap=softcap, document_ids=document_ids)
+    ours = _out_and_grads(attention, q, k, v, grad, **kwargs)
+    ref = _out_and_grads(lambda a, b, c: _dense_eager(a, b, c, 0.3, causal, window, softcap, document_ids),
+                         q, k, v, grad)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_attention_op_plain_call_is_torch_sdpa():
+    from dimshard.kernels.attention import attention
+
+    q, k, v = _qkv(2, 8, 2, 10, 10, 16)
+    out = attention(q, k, v, scale=None, causal=True)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+def test_attention_op_rejects_bad_arguments():
+    from dimshard.kernels.attention import attention
+
+    q, k, v = _qkv(1, 6, 4, 8, 8, 16)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention(q, k, v)
+    q, k, v = _qkv(1, 4, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="document_ids must be"):
+        attention(q, k, v, document_ids=torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="window"):
+        attention(q, k, v, window=0)
+
+
+def test_attention_op_is_one_traced_op_with_its_rule():
+    from dimshard.kernels.attention import attention
+    from dimshard.planner.registry import OpCall, TensorMeta, get_rule
+
+    rule = get_rule("dimshard.kernels.attention.attention")
+    assert rule is not None and attention.__dimshard_op_name__ == "dimshard.kernels.attention.attention"
+    meta = [TensorMeta((2, 8, 16, 32), torch.float32), TensorMeta((2, 2, 16, 32), torch.float32),
+            TensorMeta((2, 2, 16, 32), torch.float32)]
+    assert rule(OpCall("a", (), {}, meta, meta[:1])) == "b (h r^) l^ e^, b h s^ e^, b h s^ f^ -> b (h r^) l^ f^"
+    docs = TensorMeta((2, 16), torch.long)
+    assert rule(OpCall("a", (), {}, [meta[0], meta[0], meta[0], docs], meta[:1])).startswith(
+        "b h l^ e^, b h s^ e^, b h s^ f^, b l^ ->")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral"])
+def test_hf_models_with_dimshard_attention_match_eager(family):
+    """A whole HF model with attn_implementation="dimshard" equals its eager run (windows, soft-caps)."""
+    import transformers
+
+    import dimshard.kernels.hf_attention  # noqa: F401  (registers "dimshard")
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=64, head_dim=8)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "gemma2": lambda: transformers.Gemma2Config(**common, sliding_window=5, attn_logit_softcapping=3.0,
+                                                    final_logit_softcapping=None, query_pre_attn_scalar=8),
+        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=4),
+    }
+    torch.manual_seed(0)
+    config = configs[family]()
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config).double()
+    ids = torch.randint(0, 64, (2, 12))
+    docs = torch.tensor([[0] * 7 + [1] * 5, [0] * 12])
+    ref = model(input_ids=ids).logits
+    model.set_attn_implementation("dimshard")
+    torch.testing.assert_close(model(input_ids=ids).logits, ref)
+    # Documents: each one alone through the eager model equals its slice of the packed run.
+    packed = model(input_ids=ids, document_ids=docs, position_ids=torch.tensor([list(range(7)) + list(range(5)),
+                                                                               list(range(12))])).logits
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(packed[0, 7:], model(input_ids=ids[:1, 7:]).logits[0])
+    torch.testing.assert_close(packed[0, :7], model(input_ids=ids[:1, :7]).logits[0])
