@@ -17,6 +17,10 @@ from .lr_schedule import SCHEDULES
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
+# --offload values (planner/offload_plan.py's OFFLOAD_MODES).
+OFFLOAD_CHOICES = ("auto", "none", "optimizer", "activations", "all")
+
+
 def _help(text: str, choices: tuple[str, ...] | None = None) -> dict:
     return {"help": text} if choices is None else {"help": text, "choices": choices}
 
@@ -93,6 +97,22 @@ class TrainConfig:
                        "(MFU reported as null); <= 0 disables MFU"),
     )
     zero: bool = field(default=True, metadata=_help("shard optimizer state across data-parallel copies (ZeRO-1)"))
+    offload: str = field(
+        default="auto",
+        metadata=_help("CPU offload: auto (the auto policy prices it; other policies offload nothing), none, "
+                       "optimizer (AdamW fp32 state in host memory), activations (recomputed layers' inputs in "
+                       "host memory) or all", OFFLOAD_CHOICES),
+    )
+    host_memory_budget_gb: float | None = field(
+        default=None,
+        metadata=_help("per-rank host-memory budget for offloaded state; default: this machine's RAM shared by "
+                       "its GPUs less a margin, or the hardware profile's host RAM when compiling without GPUs"),
+    )
+    optimizer_update_device: str = field(
+        default="auto",
+        metadata=_help("where an offloaded AdamW update runs: cpu, gpu (state streamed through the GPU in "
+                       "chunks) or auto (the faster of both, timed at start)", ("auto", "cpu", "gpu")),
+    )
 
     def validate(self) -> None:
         """Raise ValueError naming the flag when a value is out of range or inconsistent."""
@@ -114,6 +134,10 @@ class TrainConfig:
         check(self.dtype in ("auto", "bf16", "fp32"), "--dtype must be auto, bf16 or fp32")
         check(self.run_mode in ("compile", "run"), "--run_mode must be compile or run")
         check(self.recompute in ("auto", "none", "layer"), "--recompute must be auto, none or layer")
+        check(self.offload in OFFLOAD_CHOICES, f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}")
+        check(self.host_memory_budget_gb is None or self.host_memory_budget_gb > 0,
+              "--host_memory_budget_gb must be > 0")
+        check(self.optimizer_update_device in ("auto", "cpu", "gpu"), "--optimizer_update_device must be auto, cpu or gpu")
         check(self.log_interval >= 1, "--log_interval must be >= 1")
         check(self.checkpoint_interval >= 0, "--checkpoint_interval must be >= 0")
         check(self.keep_last_checkpoints >= 1, "--keep_last_checkpoints must be >= 1")

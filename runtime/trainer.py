@@ -114,6 +114,7 @@ def train(
         local_params, ctx,
         betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay,
         zero=config.zero, param_dtype=resolve_dtype(config, ctx.device),
+        offload=bool((plan.get("offload") or {}).get("optimizer")), update_device=config.optimizer_update_device,
     )
     reducer = GradReducer(local_params, ctx)
     stream = MicroBatchStream(

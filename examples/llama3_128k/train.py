@@ -99,6 +99,8 @@ def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
     if args.policy == "auto":
         # The search weighs ZeRO-1's sharded optimizer state; other plans stay valid for any runtime_ngpus.
         options.update(dp_size=args.runtime_ngpus // args.plan_ngpus, zero=args.zero)
+    if args.offload != "auto":  # forced on any policy; under auto the auto policy prices it
+        options["offload"] = args.offload
     budget = args.memory_budget_gb
     memory_gb = load_hw_profile(args.hw_profile).memory_gb
     if budget is None and args.policy == "auto" and memory_gb:
