@@ -1,7 +1,7 @@
 """Scaled dot-product attention through the fastest fused backend available.
 
 On Hopper, cuDNN's attention beats PyTorch's flash backend by a wide margin at long context
-(DESIGN.md: 553 against 326 TFLOP/s fwd+bwd at 128K on an H200), but PyTorch's default order
+(docs/design.md, "Kernels": 553 against 326 TFLOP/s fwd+bwd at 128K on an H200), but PyTorch's default order
 only prefers it on recent builds with a recent cuDNN. This wrapper states the order explicitly:
 cuDNN, flash, memory-efficient, math. When cuDNN cannot take a call and the ``flash_attn``
 package is installed, that package runs it instead.

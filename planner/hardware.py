@@ -125,7 +125,7 @@ def load_hw_profile(spec: str | Path | dict | HardwareProfile | None) -> Hardwar
 def default_hw_profile() -> HardwareProfile:
     """$DIMSHARD_HW_PROFILE if set, else the profile matching the visible GPU, else h100.
 
-    The compile stage usually runs without a GPU; the reference job (DESIGN.md) runs on H100s,
+    The compile stage usually runs without a GPU; the reference job (docs/design.md, "Measuring: MFU") runs on H100s,
     so that is the default target.
     """
     env = os.environ.get("DIMSHARD_HW_PROFILE")

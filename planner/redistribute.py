@@ -1,6 +1,6 @@
 """Choosing the collectives that turn one tensor placement into another.
 
-Per mesh axis the table of DESIGN.md applies. On a 2-D mesh several axes may change at once;
+Per mesh axis the table of docs/design.md, "Placements and redistribution", applies. On a 2-D mesh several axes may change at once;
 steps that shrink the local tensor (local slice, reduce-scatter) run first and the all-gathers
 last, so every collective moves as few bytes as the target placement allows.
 """

@@ -16,7 +16,7 @@ from .hardware import HardwareProfile, load_hw_profile
 from .plan import ResolvedPlan, Shard
 from .policies import PolicyContext, decoder_layer_scopes
 
-PEAK_TFLOPS = 989.0  # dense bf16 peak of H100/H200, the MFU denominator of DESIGN.md "Measuring"
+PEAK_TFLOPS = 989.0  # dense bf16 peak of H100/H200, the MFU denominator of docs/design.md, "Measuring: MFU"
 
 
 def _ms(seconds: float) -> str:
@@ -87,7 +87,7 @@ def _recompute_column(scopes: list[str], layer_scopes: list[str]) -> str:
 
 
 def model_mfu(graph: Graph, est: Estimate, plan_ngpus: int, peak_tflops: float = PEAK_TFLOPS) -> float | None:
-    """MFU of one step by DESIGN.md's formula ``3*2*(N*S + 2*L*H*S^2)`` per sequence, or None if not a decoder.
+    """MFU of one step by the formula ``6*(N*S + 2*L*H*S^2)`` of docs/design.md, "Measuring: MFU", per sequence, or None if not a decoder.
 
     N: parameters, L: decoder layers, H: the residual stream's width, S: the input's last dim;
     sequences: the input's first dim (one micro-batch of one model copy on ``plan_ngpus`` GPUs).
@@ -132,7 +132,7 @@ def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwar
               f"| optimizer | {_ms(est.optimizer_s)} |",
               f"| **step** | **{_ms(est.step_s)}** |", ""]
     if mfu is not None:
-        lines += [f"Estimated MFU {mfu * 100:.1f}% (DESIGN.md formula, {PEAK_TFLOPS:.0f} TFLOP/s per GPU).", ""]
+        lines += [f"Estimated MFU {mfu * 100:.1f}% (docs/design.md formula, {PEAK_TFLOPS:.0f} TFLOP/s per GPU).", ""]
 
     lines += ["## Peak memory per GPU", "", "| category | bytes |", "|---|---|"]
     for key, value in est.memory.items():
@@ -158,6 +158,9 @@ def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwar
                      f"{_split_text(resolved, op.index)} | {out} |")
     lines.append("")
 
+    from .sequence_split_cost import report_lines as sequence_split_lines
+
+    lines += sequence_split_lines(graph, resolved, hw, ops)
     in_layer = [c for c in est.collectives if root is not None and (
         graph.ops[c.op_index].scope == root or graph.ops[c.op_index].scope.startswith(root + "."))]
     lines += [f"## Collectives of {root or 'the graph'}", ""]

@@ -1,7 +1,7 @@
 """Collectives with autograd that move a tensor between placements over one process group.
 
 The generated per-rank code calls these where the planner inserted a redistribution
-(DESIGN.md, "Plans"). Each function names its placement transition; its backward follows the
+(docs/design.md, "Placements and redistribution"). Each function names its placement transition; its backward follows the
 gradient convention of docs/contract.md:
 
 - the gradient of a Replicate tensor is held as a Partial (its sum over the group is the true

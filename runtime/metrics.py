@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 
 def flops_per_sequence(model_stats: dict[str, Any], sequence_length: int | None = None) -> float:
-    """Training FLOPs of one sequence: ``3 * 2 * (N*S + 2*L*H*S^2)`` (DESIGN.md, "Measuring").
+    """Training FLOPs of one sequence: ``3 * 2 * (N*S + 2*L*H*S^2)`` (docs/design.md, "Measuring: MFU").
 
     ``model_stats`` is plan.json's: ``num_params`` N, ``num_layers`` L, ``hidden_size`` H and
     ``seq_len`` S (overridden by ``sequence_length``). Forward is the bracket times 2, and

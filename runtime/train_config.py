@@ -13,7 +13,7 @@ import torch
 
 from .lr_schedule import SCHEDULES
 
-# Dense bf16 peak of one GPU, TFLOP/s (DESIGN.md, "Measuring").
+# Dense bf16 peak of one GPU, TFLOP/s (docs/design.md, "Measuring: MFU").
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 

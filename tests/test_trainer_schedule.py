@@ -84,7 +84,7 @@ def test_dtype_and_peak_resolution_on_cpu():
 
 
 def test_mfu_matches_the_reference_example():
-    # DESIGN.md: Llama-3-8B, 131072 tokens, 4 sequences per step on 8 H100s at 41.12 s/step -> 40.96 %.
+    # docs/design.md, "Measuring: MFU": Llama-3-8B, 131072 tokens, 4 sequences per step on 8 H100s at 41.12 s/step -> 40.96 %.
     stats = {"num_params": 8.03e9, "num_layers": 32, "hidden_size": 4096, "seq_len": 131072}
     assert flops_per_sequence(stats) / 3 / 1e12 == pytest.approx(11104.35, rel=2e-3)
     mfu = model_flops_utilization(4 / 41.12, stats, world_size=8, peak_tflops=989.0)
