@@ -12,10 +12,11 @@ Layout of one checkpoint, ``<checkpoint_dir>/step_<N>/``:
 - ``trainer_state.json``: step, data position, skipped steps, world layout, run config;
 - ``config.json``: the model's Hugging Face config when the trainer was given one.
 
-A checkpoint becomes visible only when complete: ranks write into ``step_<N>.tmp``, and after a
-barrier rank 0 renames it to ``step_<N>`` and atomically rewrites the ``latest`` pointer file. A
-crash at any point leaves earlier checkpoints untouched. Only safetensors and JSON are read back
-(no pickle).
+A checkpoint becomes visible only when complete: ranks write into ``step_<N>.tmp``, and once
+every rank's files are on disk rank 0 renames it to ``step_<N>`` and atomically rewrites the
+``latest`` pointer file (checkpoint_commit.py has the protocol). A crash at any point leaves
+earlier checkpoints untouched. Only safetensors and JSON are read back (no pickle); a file that
+does not parse is a CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -25,19 +26,30 @@ import hashlib
 import json
 import os
 import random
-import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .checkpoint_commit import (  # noqa: F401  re-exported: the names users of checkpoints import
+    LATEST_FILE,
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    check_checkpoint_dir_owned,
+    commit_staging,
+    complete_checkpoints,
+    find_latest_checkpoint,
+    fsync_path,
+    prepare_staging,
+    write_json,
+)
+from .failures import agree_on_errors
+from .faults import fault_point
 from .optimizer import MASTER_KEY, OPTIMIZER_KEYS
 
 if TYPE_CHECKING:
@@ -47,14 +59,6 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 MERGED_FORMAT = "dimshard-merged"
-LATEST_FILE = "latest"
-TRAINER_STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupt or incompatible; the message says what to do."""
-
 
 # ----------------------------------------------------------------------------------------------
 # RNG states as JSON
@@ -89,32 +93,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # finding checkpoints
 
 
-def _step_of(path: Path) -> int | None:
-    match = _STEP_DIR.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def complete_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Complete ``step_<N>`` folders of ``checkpoint_dir``, oldest step first."""
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None and (p / TRAINER_STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: _step_of(p))  # type: ignore[arg-type, return-value]
-
-
-def find_latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    """The step folder named by ``latest`` when it is complete, else the newest complete one, else None."""
-    root = Path(checkpoint_dir)
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if (named / TRAINER_STATE_FILE).is_file():
-            return named
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """The complete step folder meant by ``path``: a ``step_<N>`` folder itself, or the newest in a
     checkpoint_dir. Raises CheckpointError saying what was found instead."""
@@ -135,29 +113,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # saving
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -178,18 +136,50 @@ def save_checkpoint(
     ``trainer_state`` (JSON-able, same on every rank) goes to trainer_state.json;
     ``rank_state`` (JSON-able, per rank, e.g. RNG states) to rank<g>.json. On return the folder
     is complete on every rank, ``latest`` names it, and only the newest ``keep_last`` complete
-    checkpoints remain. A save of a step that already exists replaces it.
+    checkpoints remain. The commit follows checkpoint_commit.py: a crash at any point leaves the
+    previous complete step in place and named by ``latest``. When writing fails on any rank (a
+    full disk, ...), every rank raises CheckpointError with that rank's error and nothing is
+    committed.
     """
     root = Path(checkpoint_dir)
-    final = root / f"step_{step}"
     staging = root / f"step_{step}.tmp"
+    error = ""
     if ctx.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("step_*.tmp"):  # left by an interrupted save
-            shutil.rmtree(stale)
-        staging.mkdir()
-    _barrier()
+        try:
+            prepare_staging(root, step)
+        except OSError as failure:
+            error = f"cannot create {staging}: {failure}"
+    agree_on_errors(error, CheckpointError)
+    try:
+        _write_rank_files(staging, step, local_params, optimizer, ctx, plan, rank_state)
+        fault_point("save.written", rank=ctx.rank, step=step)
+    except OSError as failure:
+        error = (f"writing checkpoint step {step} into {staging} failed: {failure}; the previous checkpoint in "
+                 f"{root} is intact: free space (or fix the folder) and resume with --resume_path auto")
+    agree_on_errors(error, CheckpointError)
+    final = root / f"step_{step}"
+    if ctx.rank == 0:
+        try:
+            if model_config is not None:
+                write_json(staging / "config.json", model_config)
+            write_json(staging / "plan.json", plan)
+            # Written last by rank 0: its presence marks a folder as a checkpoint.
+            write_json(staging / TRAINER_STATE_FILE, {
+                "format_version": FORMAT_VERSION, "step": step, "world_size": ctx.world_size,
+                "plan_ngpus": ctx.plan_ngpus, "dp_size": ctx.dp_size, "plan_fingerprint": plan.get("fingerprint"),
+                **trainer_state,
+            })
+            commit_staging(root, staging, step, keep_last)
+        except OSError as failure:
+            error = (f"committing checkpoint step {step} in {root} failed: {failure}; `latest` still names the "
+                     "previous complete step: free space (or fix the folder) and resume with --resume_path auto")
+    agree_on_errors(error, CheckpointError)
+    return final
 
+
+def _write_rank_files(staging: Path, step: int, local_params: Sequence[LocalParameter], optimizer: ZeroAdamW,
+                      ctx: ParallelContext, plan: dict, rank_state: dict[str, Any] | None) -> None:
+    """This rank's shard file and its json (size, sha256, tensor index, optimizer meta), fsynced."""
     tensors: dict[str, torch.Tensor] = {}
     parameters = []
     if ctx.copy_index == 0:
@@ -200,10 +190,11 @@ def save_checkpoint(
     optimizer_tensors, optimizer_meta = optimizer.state_dict()
     tensors.update(optimizer_tensors)
     shard_file = staging / f"rank{ctx.rank}.safetensors"
+    fault_point("save.shard", rank=ctx.rank, step=step)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(shard_file),
               metadata={"format": "dimshard-shard", "rank": str(ctx.rank), "step": str(step)})
-    _fsync_path(shard_file)
-    _write_json(staging / f"rank{ctx.rank}.json", {
+    fsync_path(shard_file)
+    write_json(staging / f"rank{ctx.rank}.json", {
         "format_version": FORMAT_VERSION,
         "step": step,
         "rank": ctx.rank,
@@ -219,29 +210,6 @@ def save_checkpoint(
         "optimizer": optimizer_meta,
         "rank_state": rank_state or {},
     })
-    if ctx.rank == 0:
-        _write_json(staging / "plan.json", plan)
-        if model_config is not None:
-            _write_json(staging / "config.json", model_config)
-        # Written last by rank 0: its presence marks a folder as a checkpoint.
-        _write_json(staging / TRAINER_STATE_FILE, {
-            "format_version": FORMAT_VERSION, "step": step, "world_size": ctx.world_size,
-            "plan_ngpus": ctx.plan_ngpus, "dp_size": ctx.dp_size, "plan_fingerprint": plan.get("fingerprint"),
-            **trainer_state,
-        })
-    _barrier()
-    if ctx.rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        pointer = root / f"{LATEST_FILE}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / LATEST_FILE)
-        for old in complete_checkpoints(root)[:-keep_last]:
-            if old != final:
-                shutil.rmtree(old)
-    _barrier()
-    return final
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +225,7 @@ def verify_shard(step_dir: Path, rank: int, check_sha256: bool = True) -> dict:
     if not meta_file.is_file():
         raise CheckpointError(f"{meta_file} is missing: checkpoint {step_dir} is incomplete; resume from another "
                               f"step_<N> folder in {step_dir.parent}")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, f"resume from another step_<N> folder in {step_dir.parent}")
     shard_file = step_dir / meta["file"]["name"]
     advice = (f"the checkpoint {step_dir} cannot be used: resume from an earlier step_<N> folder in "
               f"{step_dir.parent} (pass it to --resume_path), or restore the file from a copy")
@@ -280,16 +248,20 @@ def _verify_everywhere(step_dir: Path, ranks: Sequence[int], ctx: ParallelContex
     try:
         for rank in ranks:
             metas[rank] = verify_shard(step_dir, rank)
-    except CheckpointError as failure:
-        error = str(failure)
-    errors = [error]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [""] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-    found = [e for e in errors if e]
-    if found:
-        raise CheckpointError(found[0] if error == "" else error)
+    except (CheckpointError, KeyError, TypeError) as failure:
+        error = str(failure) if isinstance(failure, CheckpointError) else (
+            f"{step_dir}: a rank*.json lacks {failure}; the checkpoint is corrupt: resume from another step_<N>")
+    agree_on_errors(error, CheckpointError)
     return metas
+
+
+def read_json(path: Path, advice: str) -> Any:
+    """``path`` parsed as JSON; CheckpointError naming the file (and ``advice``) when it is not."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is unreadable or not valid JSON ({error}); the checkpoint is corrupt: "
+                              f"{advice}") from None
 
 
 def load_checkpoint(
@@ -308,7 +280,8 @@ def load_checkpoint(
     message says to merge it with tools/ckpt_merger.py and resume from the merged file).
     """
     step_dir = resolve_checkpoint(path)
-    trainer_state = json.loads((step_dir / TRAINER_STATE_FILE).read_text())
+    trainer_state = read_json(step_dir / TRAINER_STATE_FILE, f"resume from another step_<N> folder in "
+                                                            f"{step_dir.parent}")
     saved_plan_fingerprint = trainer_state.get("plan_fingerprint")
     if (trainer_state["world_size"] != ctx.world_size or trainer_state["plan_ngpus"] != ctx.plan_ngpus
             or saved_plan_fingerprint != plan.get("fingerprint")):
@@ -321,6 +294,20 @@ def load_checkpoint(
         )
     # Parameters come from copy 0's file of this unit rank (global rank == unit rank).
     metas = _verify_everywhere(step_dir, sorted({ctx.rank, ctx.unit_rank}), ctx)
+    # Whatever fails on one rank fails on every rank, so that none is left in a later collective.
+    error, rank_state = "", {}
+    try:
+        rank_state = _load_verified(step_dir, metas, local_params, optimizer, ctx)
+    except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as failure:
+        error = str(failure) if isinstance(failure, CheckpointError) else (
+            f"loading {step_dir} failed: {type(failure).__name__}: {failure}; resume from another step_<N> "
+            f"folder in {step_dir.parent}")
+    agree_on_errors(error, CheckpointError)
+    return trainer_state, rank_state
+
+
+def _load_verified(step_dir: Path, metas: dict[int, dict], local_params: Sequence[LocalParameter],
+                   optimizer: ZeroAdamW, ctx: ParallelContext) -> dict[str, Any]:
     with torch.no_grad():
         param_file = step_dir / metas[ctx.unit_rank]["file"]["name"]
         with safe_open(str(param_file), framework="pt", device="cpu") as f:
@@ -343,7 +330,7 @@ def load_checkpoint(
             optimizer.load_state_dict(tensors, own["optimizer"])
         except ValueError as error:
             raise CheckpointError(f"{own_file}: {error}") from None
-    return trainer_state, own.get("rank_state", {})
+    return own.get("rank_state", {})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,8 +350,9 @@ def merge_checkpoint(
     verified first; raises CheckpointError when one is corrupt or a tensor is not fully covered.
     """
     step_dir = resolve_checkpoint(path)
-    trainer_state = json.loads((step_dir / TRAINER_STATE_FILE).read_text())
-    plan = json.loads((step_dir / "plan.json").read_text())
+    advice = "merge another step_<N> folder"
+    trainer_state = read_json(step_dir / TRAINER_STATE_FILE, advice)
+    plan = read_json(step_dir / "plan.json", advice)
     world_size, plan_ngpus = trainer_state["world_size"], trainer_state["plan_ngpus"]
     ranks = range(world_size) if include_optimizer else range(plan_ngpus)
     metas = {rank: verify_shard(step_dir, rank) for rank in tqdm(ranks, desc="verify shards", disable=not progress)}
@@ -444,14 +432,26 @@ def save_merged(path: str | Path, tensors: dict[str, torch.Tensor], metadata: di
     staging = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging),
               metadata={"format": MERGED_FORMAT, "dimshard": json.dumps(metadata)})
+    fsync_path(staging)
     os.replace(staging, path)
+    fsync_path(path.parent)
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors checkpoint ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}); it is truncated or corrupt: "
+                           "merge it again with tools/ckpt_merger.py, or resume from a step_<N> folder")
 
 
 def read_merged_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a merged file ({} for a plain safetensors state dict)."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        raw = (f.metadata() or {}).get("dimshard")
-    return json.loads(raw) if raw else {}
+    """The JSON metadata of a merged file ({} for a plain safetensors state dict); CheckpointError
+    when the file is not a readable safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get("dimshard")
+        return json.loads(raw) if raw else {}
+    except (SafetensorError, OSError, json.JSONDecodeError) as error:
+        raise _unreadable(Path(path), error) from None
 
 
 def load_merged_checkpoint(
@@ -469,6 +469,14 @@ def load_merged_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"merged checkpoint {path} does not exist")
     metadata = read_merged_metadata(path)
+    try:
+        return _load_merged(path, metadata, module, optimizer)
+    except (SafetensorError, OSError) as error:
+        raise _unreadable(path, error) from None
+
+
+def _load_merged(path: Path, metadata: dict[str, Any], module: ParallelModule,
+                 optimizer: ZeroAdamW | None) -> dict[str, Any]:
     with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
         stored = set(f.keys())
 

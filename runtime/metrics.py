@@ -3,7 +3,9 @@
 Each logging step produces one record ``{step, loss, grad_norm, lr, tokens_per_s, mfu,
 peak_mem_gb, skipped_steps}`` that is appended to ``<dump_dir>/metrics.jsonl``, shown on the
 progress bar (or printed as a line when stderr is not a terminal), and optionally written to
-TensorBoard.
+TensorBoard. Only a resumed run appends to an existing metrics.jsonl (its own: records past the
+step it resumed from, logged by the interrupted attempt, are dropped first since those steps run
+again); a fresh run never writes into another run's file (``check_metrics_file``).
 """
 
 from __future__ import annotations
@@ -49,11 +51,38 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_metrics_file(dump_dir: str | Path, *, resuming: bool, replace: bool) -> None:
+    """Raise ValueError when a fresh run (``resuming`` False) would write into a dump_dir whose
+    metrics.jsonl holds records, unless ``replace`` (``--resume_path auto``: the same run started
+    again before its first checkpoint) allows starting that file anew."""
+    path = Path(dump_dir) / METRICS_FILE
+    if resuming or replace or not path.is_file() or path.stat().st_size == 0:
+        return
+    raise ValueError(f"--dump_dir {dump_dir} already holds {METRICS_FILE} of another run; pass --resume_path auto "
+                     "to continue that run, another --name, or another --dump_dir")
+
+
+def _records_up_to(path: Path, step: int) -> list[str]:
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    return kept
+
+
 class MetricsLogger:
     """Writes metric records on the logging rank; every method is a no-op elsewhere.
 
     ``total_steps``/``initial_step`` size the progress bar; ``tensorboard`` writes events to
-    ``<dump_dir>/tb`` when the tensorboard package is installed (a warning otherwise).
+    ``<dump_dir>/tb`` when the tensorboard package is installed (a warning otherwise). A
+    ``resumed`` run keeps the records of steps up to ``initial_step`` and appends; otherwise
+    metrics.jsonl starts empty.
     """
 
     def __init__(
@@ -65,6 +94,7 @@ class MetricsLogger:
         initial_step: int = 0,
         tensorboard: bool = False,
         run_name: str = "dimshard",
+        resumed: bool = False,
     ) -> None:
         self.enabled = enabled
         self._file = None
@@ -75,7 +105,11 @@ class MetricsLogger:
             return
         dump = Path(dump_dir)
         dump.mkdir(parents=True, exist_ok=True)
-        self.path = dump / "metrics.jsonl"
+        self.path = dump / METRICS_FILE
+        kept = _records_up_to(self.path, initial_step) if resumed and self.path.is_file() else []
+        staging = self.path.with_name(METRICS_FILE + ".tmp")
+        staging.write_text("".join(line + "\n" for line in kept))
+        staging.replace(self.path)
         self._file = open(self.path, "a")
         self._bar = tqdm(total=total_steps, initial=initial_step, desc=run_name, unit="step",
                          disable=not self._interactive, dynamic_ncols=True)

@@ -17,6 +17,10 @@ from .lr_schedule import SCHEDULES
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
+# Every output of a run lives under this folder by default; {name} is replaced by the run name.
+RUN_DIR = "./runs/{name}"
+
+
 # --offload values (planner/offload_plan.py's OFFLOAD_MODES).
 OFFLOAD_CHOICES = ("auto", "none", "optimizer", "activations", "all")
 
@@ -29,7 +33,11 @@ def _help(text: str, choices: tuple[str, ...] | None = None) -> dict:
 class TrainConfig:
     """Everything a training run is configured by; see each field's ``help``."""
 
-    name: str = field(default="dimshard", metadata=_help("run name, used in log lines and TensorBoard"))
+    name: str = field(
+        default="dimshard",
+        metadata=_help("run name: log lines, TensorBoard, and the default output folder ./runs/<name>/ "
+                       "(compile output, checkpoints, metrics)"),
+    )
     run_mode: str = field(
         default="run",
         metadata=_help("compile: only write the compile output; run: compile if needed, then train",
@@ -70,19 +78,26 @@ class TrainConfig:
         metadata=_help("parameter/compute dtype; auto = bf16 on GPU, fp32 on CPU (master weights stay fp32)",
                        ("auto", "bf16", "fp32")),
     )
-    checkpoint_dir: str = field(default="./checkpoints", metadata=_help("where sharded checkpoints are written ('' disables checkpointing)"))
+    checkpoint_dir: str = field(
+        default=f"{RUN_DIR}/checkpoints",
+        metadata=_help("where sharded checkpoints are written ('' disables checkpointing); {name} is the run "
+                       "name; a run without --resume_path refuses a folder that already holds checkpoints"),
+    )
     checkpoint_interval: int = field(
         default=0, metadata=_help("save every this many steps (0: only at the end); always saves at the end")
     )
     keep_last_checkpoints: int = field(default=2, metadata=_help("complete checkpoints kept; older ones deleted"))
     log_interval: int = field(default=1, metadata=_help("log metrics every this many steps"))
-    dump_dir: str = field(default="./dump", metadata=_help("folder for metrics.jsonl and TensorBoard events"))
+    dump_dir: str = field(
+        default=RUN_DIR, metadata=_help("folder for metrics.jsonl and TensorBoard events; {name} is the run name")
+    )
     tensorboard: bool = field(default=False, metadata=_help("also write TensorBoard events to dump_dir/tb"))
     sequence_length: int | None = field(
         default=None, metadata=_help("tokens per sequence; default: the dataset's sequence length")
     )
     compile_dir: str = field(
-        default="./compile_output", metadata=_help("folder holding plan.json and gencode/ from the compile stage")
+        default=f"{RUN_DIR}/compile",
+        metadata=_help("folder holding plan.json and gencode/ from the compile stage; {name} is the run name"),
     )
     memory_budget_gb: float | None = field(
         default=None, metadata=_help("per-GPU memory budget for the auto policy; default: the GPU's memory")
@@ -113,6 +128,57 @@ class TrainConfig:
         metadata=_help("where an offloaded AdamW update runs: cpu, gpu (state streamed through the GPU in "
                        "chunks) or auto (the faster of both, timed at start)", ("auto", "cpu", "gpu")),
     )
+    # Data spec (runtime/data_spec.py): instead of --dataset_path, stream, mix, tokenize and pack sources.
+    data_sources: str = field(
+        default="",
+        metadata=_help("comma-separated data sources instead of --dataset_path: hub dataset names or local "
+                       "files/folders/globs (.jsonl, .json, .parquet, .txt = one document per file, .csv, "
+                       ".arrow), tokenized and packed on the fly; needs --sequence_length"),
+    )
+    data_probs: str = field(
+        default="", metadata=_help("mixing probabilities, one per data source, comma-separated, e.g. 0.7,0.3 "
+                                   "(normalised; default: equal)")
+    )
+    data_configs: str = field(
+        default="", metadata=_help("hub dataset config per data source, comma-separated (empty entry: none)")
+    )
+    data_splits: str = field(
+        default="", metadata=_help("split per data source, comma-separated (default train; local files are "
+                                   "always train)")
+    )
+    data_text_columns: str = field(
+        default="", metadata=_help("text column per data source, comma-separated (default text)")
+    )
+    data_streaming: bool = field(
+        default=False, metadata=_help("stream the data sources (datasets IterableDataset) instead of making a "
+                                      "local Arrow copy first")
+    )
+    data_shuffle_buffer: int = field(
+        default=10000, metadata=_help("documents in the shuffle buffer of each streamed source (0: stream "
+                                      "order); non-streamed sources are fully shuffled per epoch")
+    )
+    data_workers: int = field(
+        default=1, metadata=_help("tokenizer worker processes of the data loader (0: tokenize in the loader "
+                                  "thread); the token stream does not depend on it")
+    )
+    data_prefetch: int = field(
+        default=4, metadata=_help("micro-batches the data loader keeps ready ahead of the training loop")
+    )
+    tokenizer: str = field(
+        default="", metadata=_help("tokenizer folder or hub id for --data_sources; default: --model_id")
+    )
+    document_masking: bool = field(
+        default=False,
+        metadata=_help("with --data_sources: positions restart at each packed document, attention and the "
+                       "loss never cross a document boundary (the batch carries position_ids/document_ids)"),
+    )
+
+    def __post_init__(self) -> None:
+        # Expanded once, here, so that every consumer sees the same folders.
+        for key in ("checkpoint_dir", "dump_dir", "compile_dir"):
+            value = getattr(self, key, None)
+            if isinstance(value, str) and "{name}" in value:
+                setattr(self, key, value.replace("{name}", self.name))
 
     def validate(self) -> None:
         """Raise ValueError naming the flag when a value is out of range or inconsistent."""
@@ -120,6 +186,8 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
 
+        check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+              f"--name must be a folder name (no '/'), got {self.name!r}")
         check(self.plan_ngpus >= 1, f"--plan_ngpus must be >= 1, got {self.plan_ngpus}")
         check(self.runtime_ngpus % self.plan_ngpus == 0 and self.runtime_ngpus >= self.plan_ngpus,
               f"--runtime_ngpus ({self.runtime_ngpus}) must be a positive multiple of --plan_ngpus "
@@ -142,6 +210,13 @@ class TrainConfig:
         check(self.checkpoint_interval >= 0, "--checkpoint_interval must be >= 0")
         check(self.keep_last_checkpoints >= 1, "--keep_last_checkpoints must be >= 1")
         check(self.sequence_length is None or self.sequence_length >= 1, "--sequence_length must be >= 1")
+        check(not (self.data_sources and self.dataset_path),
+              "give either --dataset_path (a prepared folder) or --data_sources (a data spec), not both")
+        check(not self.document_masking or bool(self.data_sources),
+              "--document_masking needs --data_sources (a prepared --dataset_path holds no document boundaries)")
+        check(self.data_workers >= 0, "--data_workers must be >= 0")
+        check(self.data_prefetch >= 1, "--data_prefetch must be >= 1")
+        check(self.data_shuffle_buffer >= 0, "--data_shuffle_buffer must be >= 0")
 
     @property
     def global_batch_size(self) -> int:

@@ -13,16 +13,20 @@ import torch.distributed as dist
 
 from .checkpoint import (
     capture_rng_state,
+    check_checkpoint_dir_owned,
     find_latest_checkpoint,
     load_checkpoint,
     load_merged_checkpoint,
+    resolve_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from .data import MicroBatchStream
+from .data import MicroBatchStream, make_batch_stream
+from .failures import StopSignal
+from .faults import fault_point
 from .grad_reducer import GradReducer
 from .lr_schedule import lr_at
-from .metrics import MetricsLogger, model_flops_utilization, peak_memory_gb
+from .metrics import MetricsLogger, check_metrics_file, model_flops_utilization, peak_memory_gb
 from .optimizer import ZeroAdamW
 from .train_config import TrainConfig, resolve_dtype, resolve_peak_tflops
 
@@ -40,6 +44,7 @@ class TrainResult:
     skipped_steps: int  # steps skipped for a non-finite gradient norm, over the whole run
     records: list[dict[str, Any]] = field(default_factory=list)  # the logged metric records, in order
     last_checkpoint: Path | None = None
+    stopped_by_signal: bool = False  # SIGTERM: stopped (checkpointed) before max_steps
 
 
 def _compiled_batch_shape(plan: dict) -> tuple[int, int] | None:
@@ -86,6 +91,16 @@ def _global_max(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def resume_source(config: TrainConfig) -> str | None:
+    """What ``config.resume_path`` loads: a step folder or merged file, or None for a fresh start
+    (no flag, or ``auto`` with no complete checkpoint in checkpoint_dir yet)."""
+    path = config.resume_path
+    if path == "auto":
+        latest = find_latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
+        return str(latest) if latest is not None else None
+    return path or None
+
+
 def train(
     config: TrainConfig,
     module: ParallelModule,
@@ -104,11 +119,21 @@ def train(
     with the global mean loss over the steps since the last record is logged; a checkpoint is
     written every ``checkpoint_interval`` steps and at the end (none when checkpoint_dir is '').
     ``config.resume_path`` resumes from a sharded checkpoint (same plan and world size; bit-exact
-    continuation) or a merged file (any plan). An exception leaves earlier checkpoints intact.
-    Call on every rank; returns the same TrainResult values on every rank.
+    continuation) or a merged file (any plan); ``auto`` with no checkpoint yet is a fresh start
+    (the caller initialises the weights: see ``resume_source``). A run that did not resume from
+    its checkpoint_dir refuses one holding checkpoints, and a fresh run refuses to append to
+    another run's metrics.jsonl (CheckpointError / ValueError naming the way out). SIGTERM on any
+    rank stops every rank at the same step boundary after a complete checkpoint. An exception
+    leaves earlier checkpoints intact. Call on every rank; returns the same TrainResult values on
+    every rank.
     """
     config.validate()
     sequence_length = _check_layout(config, ctx, plan)
+    source = resume_source(config)
+    if config.checkpoint_dir:
+        resumed_from = resolve_checkpoint(source) if source and not Path(source).is_file() else None
+        check_checkpoint_dir_owned(config.checkpoint_dir, resumed_from)
+    check_metrics_file(config.dump_dir, resuming=source is not None, replace=config.resume_path == "auto")
     local_params = module.local_parameters()
     optimizer = ZeroAdamW(
         local_params, ctx,
@@ -117,23 +142,25 @@ def train(
         offload=bool((plan.get("offload") or {}).get("optimizer")), update_device=config.optimizer_update_device,
     )
     reducer = GradReducer(local_params, ctx)
-    stream = MicroBatchStream(
+    stream = make_batch_stream(
         dataset, micro_batch_size=config.micro_batch_size, dp_size=ctx.dp_size, copy_index=ctx.copy_index,
         seed=config.seed, device=ctx.device, sequence_length=sequence_length,
     )
     torch.manual_seed(config.seed)
-    start_step = _resume(config, module, optimizer, stream, ctx, plan)
+    start_step = _resume(source, config, module, optimizer, stream, ctx, plan)
 
     peak_tflops = resolve_peak_tflops(config, ctx.device)
     sequence_length = sequence_length or plan.get("model_stats", {}).get("seq_len")
     sequences_per_step = config.global_batch_size
     logger = MetricsLogger(config.dump_dir, enabled=ctx.rank == 0, total_steps=config.max_steps,
-                           initial_step=start_step, tensorboard=config.tensorboard, run_name=config.name)
+                           initial_step=start_step, tensorboard=config.tensorboard, run_name=config.name,
+                           resumed=source is not None)
     result = TrainResult(start_step=start_step, final_step=start_step, skipped_steps=optimizer.skipped_steps)
     schedule = {"lr": config.lr, "max_steps": config.max_steps, "warmup_steps": config.warmup_steps,
                 "schedule": config.lr_schedule, "min_lr_ratio": config.min_lr_ratio,
                 "wsd_decay_ratio": config.wsd_decay_ratio}
     accumulation = config.grad_accumulation_steps
+    stop_signal = StopSignal()
     try:
         module.train()
         interval_loss = torch.zeros((), dtype=torch.float32, device=ctx.device)
@@ -145,9 +172,10 @@ def train(
                 batch = next(stream)
                 last = micro_step == accumulation - 1
                 with contextlib.nullcontext() if last else reducer.no_sync():
-                    loss = module(input_ids=batch["input_ids"], labels=batch["labels"])
+                    loss = module(**batch)  # input_ids, labels (+ position_ids, document_ids when packed)
                     (loss / accumulation).backward()
                 interval_loss += loss.detach().float() / accumulation
+            fault_point("train.step", rank=ctx.rank, step=step + 1)
             outcome = optimizer.step(reducer.finish(), lr, config.clip_grad_norm)
             reducer.zero_grad()
             interval_steps += 1
@@ -155,8 +183,10 @@ def train(
             result.final_step = completed
             result.skipped_steps = optimizer.skipped_steps
             logger.advance()
+            stop = stop_signal.should_stop() and completed < config.max_steps
+            final = completed == config.max_steps or stop
 
-            if completed % config.log_interval == 0 or completed == config.max_steps:
+            if completed % config.log_interval == 0 or final:
                 loss_value = _global_mean(interval_loss) / interval_steps
                 # The slowest rank sets the pace; the max also makes every rank log the same record.
                 elapsed, peak_mem_gb = _global_max(
@@ -181,7 +211,7 @@ def train(
                 interval_start = time.perf_counter()
 
             interval_hit = config.checkpoint_interval > 0 and completed % config.checkpoint_interval == 0
-            if config.checkpoint_dir and (interval_hit or completed == config.max_steps):
+            if config.checkpoint_dir and (interval_hit or final):
                 result.last_checkpoint = save_checkpoint(
                     config.checkpoint_dir, completed, local_params=local_params, optimizer=optimizer, ctx=ctx,
                     plan=plan, keep_last=config.keep_last_checkpoints, model_config=model_config,
@@ -192,13 +222,24 @@ def train(
                 )
                 # Saving is not training time.
                 interval_start = time.perf_counter()
+            if stop:
+                result.stopped_by_signal = True
+                where = f"checkpoint {result.last_checkpoint}" if config.checkpoint_dir else "no checkpoint_dir"
+                if ctx.rank == 0:
+                    print(f"[dimshard] stopped by a signal after step {completed} ({where}); resume with "
+                          "--resume_path auto", flush=True)
+                break
     finally:
+        stop_signal.close()
         logger.close()
         reducer.close()
+        if hasattr(stream, "close"):
+            stream.close()
     return result
 
 
 def _resume(
+    source: str | None,
     config: TrainConfig,
     module: ParallelModule,
     optimizer: ZeroAdamW,
@@ -206,24 +247,18 @@ def _resume(
     ctx: ParallelContext,
     plan: dict,
 ) -> int:
-    """Load ``config.resume_path`` if set; return the number of optimizer steps already done."""
-    path = config.resume_path
-    if path == "auto":
-        latest = find_latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
-        if latest is None:
-            return 0
-        path = str(latest)
-    if not path:
+    """Load ``source`` (see ``resume_source``) if any; return the number of optimizer steps already done."""
+    if source is None:
         return 0
-    if Path(path).is_file():
-        state = load_merged_checkpoint(path, module, optimizer)
+    if Path(source).is_file():
+        state = load_merged_checkpoint(source, module, optimizer)
         step = int(state.get("step", 0))
         if "sampler" in state:
             stream.load_state_dict(state["sampler"])
         # Per-rank RNG streams do not carry over to another layout; reseed deterministically.
         torch.manual_seed(config.seed + step)
         return step
-    state, rank_state = load_checkpoint(path, local_params=module.local_parameters(), optimizer=optimizer,
+    state, rank_state = load_checkpoint(source, local_params=module.local_parameters(), optimizer=optimizer,
                                         ctx=ctx, plan=plan)
     stream.load_state_dict(state["sampler"])
     if "rng" in rank_state:
