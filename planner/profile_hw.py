@@ -14,18 +14,18 @@ all-reduce, all-gather, reduce-scatter and all-to-all over all ranks. Values it 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..cli import parse_dataclass_args
 from .hardware import COLLECTIVES, load_hw_profile
 
 
@@ -47,13 +47,7 @@ class ProfileArgs:
 
 
 def _parse(argv: list[str] | None) -> ProfileArgs:
-    parser = argparse.ArgumentParser(prog="python -m dimshard.planner.profile_hw",
-                                     description=__doc__.split("\n\n")[0])
-    for f in fields(ProfileArgs):
-        required = f.default is MISSING
-        parser.add_argument(f"--{f.name}", type=type(f.default) if not required else str, required=required,
-                            default=None if required else f.default, help=f.metadata["help"])
-    return ProfileArgs(**vars(parser.parse_args(argv)))
+    return parse_dataclass_args(ProfileArgs, argv, description=__doc__.split("\n\n")[0])
 
 
 def _time(fn: Callable[[], object], iters: int) -> float:
