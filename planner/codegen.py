@@ -16,6 +16,7 @@ import torch
 from .graph import BUFFER, CONSTANT, DEVICE, INPUT, PARAMETER, Graph, Op, TensorRef
 from .plan import Replicate, ResolvedPlan, Shard, TensorPlacement
 from .redistribute import redistribution_steps
+from .sequence_split import attention_code, reorder_import, zigzag_layout, zigzag_step
 
 _OPERATORS = {
     "torch.Tensor.__add__": "+", "torch.Tensor.__sub__": "-", "torch.Tensor.__mul__": "*",
@@ -118,6 +119,9 @@ class _Writer:
         # (tensor id, placement) -> (variable, block): a redistributed copy is reused inside its block.
         self.cache: dict[tuple[int, TensorPlacement], tuple[str, _Block]] = {}
         self.methods: list[str] = []
+        # Sequence-split attention: its axes hold sequence-aligned tensors in the zigzag layout.
+        self.zigzag = zigzag_layout(graph, resolved.plan.splits, self.mesh,
+                                    {i: (resolved.op_inputs[i], resolved.op_outputs[i]) for i in resolved.op_inputs})
 
     # --- naming -------------------------------------------------------------------------------
     def base_var(self, tid: int) -> str:
@@ -142,7 +146,12 @@ class _Writer:
         cur = base
         for step in redistribution_steps(have, want):
             group = f"self.groups[{self.mesh.axis_names[step.axis]!r}]"
-            if step.kind == "all_gather":
+            zigzag = zigzag_step(self.zigzag, tid, step.kind, step.axis, step.dim, step.dim2, cur, group,
+                                 self.mesh.coords(self.unit_rank)[step.axis])
+            if zigzag is not None:
+                code = zigzag[0]
+                self.imports.update({h: reorder_import([h]) for h in zigzag[1]})
+            elif step.kind == "all_gather":
                 code = f"comm.all_gather({cur}, {step.dim}, {group})"
             elif step.kind == "all_reduce":
                 code = f"comm.all_reduce({cur}, {group})"
@@ -182,7 +191,12 @@ class _Writer:
             out_id = op.output_ids()[0]
             shape = self.resolved.local_shape(self.graph.tensors[out_id].shape, self.resolved.stored[out_id])
             args = [args[0], tuple(shape)]
-        call = self.call_expr(op, args, emit)
+        axis = self.zigzag.attention_ops.get(op.index)
+        if axis is not None:  # attention split along the sequence: the op exchanges K/V over the axis's group
+            self.imports["sequence_split_attention"], call = attention_code(
+                op, axis, [local[t] for t in in_ids[:3]], f"self.groups[{self.mesh.axis_names[axis]!r}]")
+        else:
+            call = self.call_expr(op, args, emit)
         outs = self.output_target(op)
         defines = [f"t{t}" for t in op.output_ids()]
         block.lines.append((f"{outs} = {call}  # {op.annotation}", defines, uses))

@@ -49,6 +49,7 @@ from .op_costs import (
     working_bytes,
 )
 from .plan import REPLICATE, ResolvedPlan, TensorPlacement
+from .topology import replicas_cross_nodes
 
 GB = 1e9
 # HardwareProfile and the profile loaders are re-exported for callers that imported them from here
@@ -315,7 +316,7 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         t = graph.tensors[tid]
         placement = resolved.stored[tid]
         state = param_state(numel(local_shape(t.shape, placement, mesh)), t.dtype, replica_count(placement, mesh),
-                            hw, dp_size, zero)
+                            hw, dp_size, zero, replicas_cross_nodes(placement, mesh, hw, dp_size))
         static["parameters"] += state.parameters
         static["gradients"] += state.gradients
         static["optimizer"] += state.optimizer

@@ -37,6 +37,11 @@ class HardwareProfile:
     device: str = ""
     estimated: tuple[str, ...] = ()
     source: str = ""
+    # Where nodes end (planner/topology.py): GPUs per node, and the inter-node bandwidth per GPU in
+    # gigabits/s (400: one 400G InfiniBand NIC per GPU) with its extra latency.
+    gpus_per_node: int = 8
+    internode_gbps: float = 400.0
+    internode_alpha_us: float = 10.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HardwareProfile:
@@ -53,6 +58,8 @@ class HardwareProfile:
             copy_gbps=float(d["copy_gbps"]), busbw_gbps=dict(d["busbw_gbps"]), alpha_us=dict(d["alpha_us"]),
             kernel_launch_us=float(d.get("kernel_launch_us", 0.0)), memory_gb=d.get("memory_gb"),
             device=d.get("device", ""), estimated=tuple(d.get("estimated", ())), source=d.get("source", ""),
+            gpus_per_node=int(d.get("gpus_per_node", 8)), internode_gbps=float(d.get("internode_gbps", 400.0)),
+            internode_alpha_us=float(d.get("internode_alpha_us", 10.0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,7 +67,9 @@ class HardwareProfile:
         return {"name": self.name, "device": self.device, "memory_gb": self.memory_gb,
                 "matmul_tflops": self.matmul_tflops, "attention_tflops": self.attention_tflops,
                 "copy_gbps": self.copy_gbps, "busbw_gbps": self.busbw_gbps, "alpha_us": self.alpha_us,
-                "kernel_launch_us": self.kernel_launch_us, "estimated": list(self.estimated), "source": self.source}
+                "kernel_launch_us": self.kernel_launch_us, "estimated": list(self.estimated), "source": self.source,
+                "gpus_per_node": self.gpus_per_node, "internode_gbps": self.internode_gbps,
+                "internode_alpha_us": self.internode_alpha_us}
 
     def matmul_rate(self, dtype: torch.dtype) -> float:
         """Sustained matmul FLOP/s for inputs of ``dtype`` (float32 rate for unknown dtypes)."""

@@ -13,6 +13,7 @@ from .graph import ACTIVATION, INPUT, Graph, Op
 from .hardware import HardwareProfile
 from .plan import Mesh, Shard, TensorPlacement
 from .redistribute import Step, redistribution_steps, step_bytes
+from .topology import axis_collective_seconds, collective_seconds
 
 # The collective each forward step's gradient needs in backward (runtime/comm.py's table).
 BACKWARD_KIND = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
@@ -108,6 +109,11 @@ def op_cost(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorP
         fwd = max(flops / hw.matmul_rate(in_t[0].dtype), nbytes / hw.copy_rate) + launch
         return OpCost(flops, nbytes, fwd, 2 * fwd if has_backward else 0.0, "matmul", 2 * flops * has_backward)
     if name == SDPA and len(in_shapes) >= 3 and len(in_shapes[0]) == 4:
+        from .sequence_split_cost import sequence_split_op_cost
+
+        split = sequence_split_op_cost(graph, op, ins, mesh, hw)  # split along the sequence: K/V exchange inside
+        if split is not None:
+            return split
         (b, hq, lq, e), (_, _, s, _), f = in_shapes[0], in_shapes[1], in_shapes[2][-1]
         flops = 2.0 * b * hq * lq * s * (e + f)
         causal = op.kwargs.get("is_causal", op.args[5] if len(op.args) > 5 else False)
@@ -161,6 +167,9 @@ def working_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[T
         t = graph.tensors[tid]
         if t.kind == ACTIVATION and t.dtype.is_floating_point:
             total += numel(local_shape(t.shape, p, mesh)) * dtype_bytes(t.dtype)
+    from .sequence_split_cost import exchange_buffer_bytes
+
+    total += int(exchange_buffer_bytes(graph, op, ins, mesh))  # K/V exchange of a sequence-split attention
     if is_chunked_loss(op):
         hidden = local_shape(graph.tensors[op.input_ids()[0]].shape, ins[0], mesh)
         vocab = local_shape(graph.tensors[op.input_ids()[1]].shape, ins[1], mesh)[0]
@@ -211,11 +220,11 @@ def redistribution_cost(shape: tuple[int, ...], itemsize: int, src: TensorPlacem
         after = _local_after(step, local, n)
         if step.kind != "local_slice":
             nbytes = float(step_bytes(step, int(local), n))
-            fwd.append((step.kind, step.axis, nbytes, hw.collective_seconds(step.kind, nbytes, n)))
+            fwd.append((step.kind, step.axis, nbytes, axis_collective_seconds(hw, step.kind, nbytes, mesh, step.axis)))
         back = BACKWARD_KIND[step.kind]
         if backward and back is not None:
             nbytes = float(step_bytes(Step(back, step.axis), int(after), n))
-            bwd.append((back, step.axis, nbytes, hw.collective_seconds(back, nbytes, n)))
+            bwd.append((back, step.axis, nbytes, axis_collective_seconds(hw, back, nbytes, mesh, step.axis)))
         local = after
     return CollectiveCost(tuple(fwd), tuple(bwd))
 
@@ -240,20 +249,23 @@ class ParamState:
 
 
 def param_state(numel_local: int, dtype: torch.dtype, holders: int, hw: HardwareProfile, dp_size: int = 1,
-                zero: bool = True) -> ParamState:
+                zero: bool = True, crosses_nodes: bool = False) -> ParamState:
     """State of a local shard of ``numel_local`` elements held by ``holders`` unit ranks.
 
     Gradients are all-reduced over ``holders * dp_size`` ranks in fp32 (runtime/grad_reducer.py);
     with ZeRO-1 each copy keeps 1/dp_size of the optimizer state and all-gathers updated parameters.
+    ``crosses_nodes`` (``topology.replicas_cross_nodes``): those ranks span nodes, priced at the
+    inter-node rate.
     """
     itemsize = dtype_bytes(dtype)
     master = 0 if dtype == torch.float32 else 4
     opt = numel_local * (8 + master) / (dp_size if zero else 1)
     group = holders * dp_size
     grad_bytes = numel_local * 4.0
-    sync = hw.collective_seconds("all_reduce", 2 * grad_bytes * (group - 1) / group, group)
+    sync = collective_seconds(hw, "all_reduce", 2 * grad_bytes * (group - 1) / group, group, crosses_nodes)
     if zero and dp_size > 1:
-        sync += hw.collective_seconds("all_gather", numel_local * itemsize * (dp_size - 1) / dp_size, dp_size)
+        sync += collective_seconds(hw, "all_gather", numel_local * itemsize * (dp_size - 1) / dp_size, dp_size,
+                                   crosses_nodes)
     # AdamW reads and writes parameter, master and moments and reads the gradient: ~32 bytes per owned element.
     opt_s = numel_local / (dp_size if zero else 1) * 32 / hw.copy_rate
     return ParamState(numel_local * itemsize, grad_bytes, opt, sync, opt_s)

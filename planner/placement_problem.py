@@ -27,7 +27,9 @@ from .op_costs import (
     saves_output,
 )
 from .plan import REPLICATE, Mesh, Plan, PlanError, op_placements
+from .sequence_split import extra_split_names
 from .solver import elimination_order, minimize
+from .topology import replicas_cross_nodes
 
 # A factor over more table entries than this is split into pairwise factors (slightly inexact).
 MAX_GROUP_ENTRIES = 2_000_000
@@ -111,7 +113,7 @@ class PlacementProblem:
     def _domain(self, op: Op, cls: str) -> _Var:
         if op.annotation is None:
             raise PlanError(f"op {op.index} {op.name} has no annotation; trace with annotate=True")
-        names = op.annotation.splittable()
+        names = op.annotation.splittable() + extra_split_names(op)  # + an attention's sequence
         per_axis = [[None] + (names if size > 1 else []) for size in self.mesh.shape]
         var = _Var(op, cls, [], [], [])
         for split in itertools.product(*per_axis):
@@ -254,7 +256,8 @@ class PlacementProblem:
                 t = self.graph.tensors[in_ids[pos]]
                 p = var.ins[s][pos]
                 numel = int(np.prod(local_shape(t.shape, p, self.mesh), dtype=np.int64))
-                st = param_state(numel, t.dtype, replica_count(p, self.mesh), self.hw, self.dp_size, self.zero)
+                st = param_state(numel, t.dtype, replica_count(p, self.mesh), self.hw, self.dp_size, self.zero,
+                                 replicas_cross_nodes(p, self.mesh, self.hw, self.dp_size))
                 parts["param_s"][s] += st.sync_s + st.optimizer_s
                 parts["param_bytes"][s] += st.parameters + st.gradients + st.optimizer
             if layer_output:

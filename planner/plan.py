@@ -159,9 +159,11 @@ def _name_size(ann: Annotation, shapes: list[tuple[int, ...]], name: str) -> int
 
 def op_placements(graph: Graph, op: Op, split: tuple[str | None, ...], mesh: Mesh) -> tuple[list, list]:
     """Input and output placements for ``op`` under ``split`` (one name or None per mesh axis)."""
-    ann = op.annotation
-    if ann is None:
+    if op.annotation is None:
         raise PlanError(f"op {op.index} {op.name} has no annotation; trace with annotate=True")
+    from .sequence_split import effective_annotation  # an attention split along the sequence (zigzag)
+
+    ann = effective_annotation(graph, op, split, mesh)
     in_ids, out_ids = op.input_ids(), op.output_ids()
     shapes = [graph.tensors[t].shape for t in in_ids + out_ids]
     ins: list[list] = [[] for _ in in_ids]

@@ -59,7 +59,9 @@ from .op_costs import SDPA, is_chunked_loss
 from .placement_problem import PlacementProblem, Weights
 from .plan import Mesh, Plan, PlanError, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, recompute_scopes, register_policy
+from .sequence_split import sequence_split_axis
 from .solver import minimize
+from .topology import node_ordered_meshes
 
 # Re-exported for callers that imported them from here before the solver and layer modules existed.
 __all__ = ["Candidate", "SearchResult", "auto", "candidate_meshes", "layer_structure", "minimize", "name_axes",
@@ -131,9 +133,11 @@ def name_axes(graph: Graph, plan: Plan) -> Plan:
         for axis, name in enumerate(plan.split_of(op.index)):
             role = _role(op, name)
             votes[axis][role] = votes[axis].get(role, 0.0) + weight
+    # An axis on which attention is split along the sequence is the context-parallel axis.
+    cp_axes = {sequence_split_axis(op, plan.split_of(op.index), plan.mesh) for op in graph.ops}
     names: list[str] = []
-    for v in votes:
-        role = max(v, key=v.get) if v else "axis"
+    for axis, v in enumerate(votes):
+        role = "cp" if axis in cp_axes else max(v, key=v.get) if v else "axis"
         name, i = role, 2
         while name in names:
             name, i = f"{role}{i}", i + 1
@@ -207,7 +211,7 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
     n_layers = len(structure.scopes) if structure else 0
     choices = _recompute_choices(graph, ctx.recompute)
     solve_ks = sorted({0, n_layers}) if ctx.recompute == "auto" else [min(len(choices[0]), n_layers)]
-    shapes = [tuple(s) for s in extra.get("mesh_shapes") or candidate_meshes(ctx.plan_ngpus)]
+    shapes = [tuple(s) for s in extra.get("mesh_shapes") or node_ordered_meshes(candidate_meshes(ctx.plan_ngpus), hw)]
     for shape in shapes:
         if int(np.prod(shape)) != ctx.plan_ngpus:
             raise PlanError(f"mesh shape {shape} does not hold plan_ngpus = {ctx.plan_ngpus} devices")
