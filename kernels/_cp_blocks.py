@@ -29,8 +29,12 @@ import warnings
 
 import torch
 
+from ._cp_layout import AttentionBlock, unpack_kv
+
 __all__ = [
     "BACKENDS",
+    "BlockRunner",
+    "accumulator_dtype",
     "block_backward",
     "block_forward",
     "choose_backend",
@@ -43,7 +47,8 @@ BACKENDS = ("cudnn", "flash", "math")
 _aten = torch.ops.aten
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partial results are computed and accumulated in: float64 for float64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -55,7 +60,7 @@ def _math_scores(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -
     """Scaled scores [b, hk, groups, lq, lk] in the compute dtype, -inf where the causal mask hides a key."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    dtype = _compute_dtype(q.dtype)
+    dtype = accumulator_dtype(q.dtype)
     grouped = q.to(dtype).reshape(batch, kv_heads, q_heads // kv_heads, q_len, head_dim)
     scores = torch.einsum("bgrle,bgse->bgrls", grouped, k.to(dtype)) * scale
     if causal:
@@ -73,7 +78,7 @@ def _math_forward(
     probs = torch.exp(scores - lse.unsqueeze(-1))
     out = torch.einsum("bgrls,bgsf->bgrlf", probs, v.to(scores.dtype))
     out = out.reshape(batch, q_heads, q_len, v.shape[-1]).to(q.dtype)
-    return out, lse.reshape(batch, q_heads, q_len).to(_compute_dtype(q.dtype))
+    return out, lse.reshape(batch, q_heads, q_len).to(accumulator_dtype(q.dtype))
 
 
 def _math_backward(
@@ -110,7 +115,8 @@ def _math_backward(
 # fused aten ops (CUDA)
 
 # Dropout is never used, so the random-state arguments of the backward ops are never read; they
-# still have to be tensors of the kinds the forward ops return.
+# still have to be tensors of the kinds the forward ops return (left uninitialised: uint64 has
+# few CUDA kernels, and nothing reads them).
 
 
 def _cudnn_forward(
@@ -131,8 +137,8 @@ def _cudnn_backward(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed = torch.zeros((), dtype=torch.int64, device=q.device)
-    offset = torch.zeros((), dtype=torch.int64, device=q.device)
+    seed = torch.empty((), dtype=torch.int64, device=q.device)
+    offset = torch.empty((), dtype=torch.int64, device=q.device)
     dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
         dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, None, None,
         q.shape[2], k.shape[2], 0.0, causal, scale=scale,
@@ -157,8 +163,8 @@ def _flash_backward(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
-    offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+    offset = torch.empty((), dtype=torch.uint64, device=q.device)
     dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
         dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset,
         scale=scale,
@@ -214,6 +220,47 @@ def merge_block(
     acc_out.mul_(torch.exp(acc_lse - new_lse).unsqueeze(-1))
     acc_out.add_(block_out.to(acc_out.dtype) * torch.exp(block_lse - new_lse).unsqueeze(-1))
     acc_lse.copy_(new_lse)
+
+
+class BlockRunner:
+    """The forward and backward of `AttentionBlock`s on one backend: rows sliced out of the rank's
+    tensors, results merged (forward) or accumulated (backward) into them in place."""
+
+    def __init__(self, backend: str, scale: float) -> None:
+        self.backend = backend
+        self.scale = scale
+
+    def forward(
+        self, block: AttentionBlock, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> None:
+        """Merge the block of queries q [b, hq, l, e] against packed kv into the accumulators out, lse."""
+        k, v = unpack_kv(kv)
+        rows, keys = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
+        block_out, block_lse = block_forward(
+            self.backend, q[:, :, rows], k[:, :, keys], v[:, :, keys], self.scale, block.causal
+        )
+        merge_block(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+
+    def backward(
+        self,
+        block: AttentionBlock,
+        saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        kv: torch.Tensor,
+        dq: torch.Tensor,
+        dkv: torch.Tensor,
+    ) -> None:
+        """Add the block's gradients into dq [b, hq, l, e] and packed dkv; saved = (q, out, lse, dout) of the rank."""
+        q, out, lse, dout = saved
+        k, v = unpack_kv(kv)
+        dk, dv = unpack_kv(dkv)
+        rows, keys = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
+        block_dq, block_dk, block_dv = block_backward(
+            self.backend, dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+            lse[:, :, rows], self.scale, block.causal,
+        )
+        dq[:, :, rows] += block_dq
+        dk[:, :, keys] += block_dk
+        dv[:, :, keys] += block_dv
 
 
 # ----------------------------------------------------------------------------------------------

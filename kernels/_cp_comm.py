@@ -45,8 +45,8 @@ def ring_pass(tensor: torch.Tensor, group: ProcessGroup | None) -> Pending:
     return Pending(dist.batch_isend_irecv(ops), received, sent=tensor)
 
 
-def _uses_gloo(group: ProcessGroup | None) -> bool:
-    return dist.get_backend(group) == "gloo"
+def _uses_gloo(tensor: torch.Tensor, group: ProcessGroup | None) -> bool:
+    return tensor.device.type == "cpu" or dist.get_backend(group) == "gloo"
 
 
 def start_all_gather(tensor: torch.Tensor, group: ProcessGroup | None) -> Pending:
@@ -54,7 +54,7 @@ def start_all_gather(tensor: torch.Tensor, group: ProcessGroup | None) -> Pendin
     size = dist.get_world_size(group)
     tensor = tensor.contiguous()
     gathered = torch.empty((size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-    if _uses_gloo(group):
+    if _uses_gloo(tensor, group):
         # gloo's single-tensor all-gather is missing on some torch releases; the list form is not.
         work = dist.all_gather(list(gathered.unbind(0)), tensor, group=group, async_op=True)
     else:
@@ -66,7 +66,7 @@ def start_reduce_scatter(stacked: torch.Tensor, group: ProcessGroup | None) -> P
     """Sum `stacked` [P, ...] over the group and keep this rank's slice `[rank]` (shape stacked.shape[1:])."""
     rank = dist.get_rank(group)
     stacked = stacked.contiguous()
-    if _uses_gloo(group):
+    if _uses_gloo(stacked, group):
         # gloo lacks reduce_scatter on some torch releases: all-reduce and keep this rank's slice
         # (CPU tests only, where the extra traffic does not matter).
         work = dist.all_reduce(stacked, group=group, async_op=True)

@@ -29,17 +29,44 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "KV_SEQ_DIM",
     "AttentionBlock",
+    "as_blhe",
     "check_zigzag_length",
     "gathered_blocks",
     "gathered_from_natural",
     "natural_from_gathered",
+    "pack_kv",
     "rank_blocks",
     "unmasked_score_entries",
+    "unpack_kv",
     "zigzag_indices",
     "zigzag_inverse_permutation",
     "zigzag_permutation",
 ]
+
+# K/V travel packed as one tensor [2, b, l, hk, e]: one transfer per step, and [b, l, h, e] storage
+# (what the model's projections produce) viewed as [b, h, l, e] is the layout the fused kernels take.
+KV_SEQ_DIM = 2
+
+
+def as_blhe(x: torch.Tensor) -> torch.Tensor:
+    """[b, h, l, e] view over [b, l, h, e] storage (no copy when x already is one)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def pack_kv(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Key and value [b, hk, l, e] copied into one packed [2, b, l, hk, e] tensor."""
+    batch, heads, length, dim = key.shape
+    kv = key.new_empty(2, batch, length, heads, dim)
+    kv[0].copy_(key.transpose(1, 2))
+    kv[1].copy_(value.transpose(1, 2))
+    return kv
+
+
+def unpack_kv(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [b, hk, l, e] key and value views of a packed [2, b, l, hk, e] tensor."""
+    return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
 
 
 def check_zigzag_length(seq_len: int, world_size: int) -> int:

@@ -28,15 +28,18 @@ import torch.distributed as dist
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-from ._cp_blocks import block_backward, block_forward, choose_backend, merge_block, strided_like
+from ._cp_blocks import BlockRunner, accumulator_dtype, choose_backend, strided_like
 from ._cp_comm import ring_pass, start_all_gather, start_reduce_scatter
 from ._cp_layout import (
-    AttentionBlock,
+    KV_SEQ_DIM,
+    as_blhe,
     check_zigzag_length,
     gathered_blocks,
     gathered_from_natural,
     natural_from_gathered,
+    pack_kv,
     rank_blocks,
+    unpack_kv,
     zigzag_indices,
     zigzag_inverse_permutation,
     zigzag_permutation,
@@ -52,72 +55,9 @@ __all__ = [
 ]
 
 METHODS = ("ring", "allgather")
-# K/V travel packed as one tensor [2, b, l, hk, e]: one transfer per step, and [b, l, h, e] storage
-# (what the model's projections produce) viewed as [b, h, l, e] is the layout the fused kernels take.
-_KV_SEQ_DIM = 2
 
 
-def _as_blhe(x: torch.Tensor) -> torch.Tensor:
-    """[b, h, l, e] view over [b, l, h, e] storage (no copy when x already is one)."""
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def _pack_kv(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    batch, heads, length, dim = key.shape
-    kv = key.new_empty(2, batch, length, heads, dim)
-    kv[0].copy_(key.transpose(1, 2))
-    kv[1].copy_(value.transpose(1, 2))
-    return kv
-
-
-def _unpack_kv(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The [b, hk, l, e] key and value views of a packed [2, b, l, hk, e] tensor."""
-    return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
-
-
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _Blocks:
-    """The per-block forward and backward of one call: rows sliced out, results merged or accumulated."""
-
-    def __init__(self, backend: str, scale: float) -> None:
-        self.backend = backend
-        self.scale = scale
-
-    def forward(
-        self, block: AttentionBlock, q: torch.Tensor, kv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-    ) -> None:
-        k, v = _unpack_kv(kv)
-        rows, keys = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
-        block_out, block_lse = block_forward(
-            self.backend, q[:, :, rows], k[:, :, keys], v[:, :, keys], self.scale, block.causal
-        )
-        merge_block(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
-
-    def backward(
-        self,
-        block: AttentionBlock,
-        saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-        kv: torch.Tensor,
-        dq: torch.Tensor,
-        dkv: torch.Tensor,
-    ) -> None:
-        q, out, lse, dout = saved
-        k, v = _unpack_kv(kv)
-        dk, dv = _unpack_kv(dkv)
-        rows, keys = slice(block.q_start, block.q_stop), slice(block.kv_start, block.kv_stop)
-        block_dq, block_dk, block_dv = block_backward(
-            self.backend, dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
-            lse[:, :, rows], self.scale, block.causal,
-        )
-        dq[:, :, rows] += block_dq
-        dk[:, :, keys] += block_dk
-        dv[:, :, keys] += block_dv
-
-
-def _ring_forward(blocks: _Blocks, q, kv, out, lse, group, rank, size) -> None:
+def _ring_forward(blocks: BlockRunner, q, kv, out, lse, group, rank, size) -> None:
     current = kv
     for step, block in enumerate(rank_blocks(rank, size, q.shape[2])):
         incoming = ring_pass(current, group) if step < size - 1 else None
@@ -126,7 +66,7 @@ def _ring_forward(blocks: _Blocks, q, kv, out, lse, group, rank, size) -> None:
             current = incoming.wait()
 
 
-def _ring_backward(blocks: _Blocks, saved, kv, dq, group, rank, size) -> torch.Tensor:
+def _ring_backward(blocks: BlockRunner, saved, kv, dq, group, rank, size) -> torch.Tensor:
     current, dkv_incoming = kv, None
     for step, block in enumerate(rank_blocks(rank, size, dq.shape[2])):
         kv_incoming = ring_pass(current, group) if step < size - 1 else None
@@ -141,29 +81,29 @@ def _ring_backward(blocks: _Blocks, saved, kv, dq, group, rank, size) -> torch.T
     return dkv if dkv_incoming is None else dkv_incoming.wait()
 
 
-def _gather_forward(blocks: _Blocks, q, kv, out, lse, group, rank, size) -> None:
+def _gather_forward(blocks: BlockRunner, q, kv, out, lse, group, rank, size) -> None:
     own, *others = gathered_blocks(rank, size, q.shape[2])
     gathering = start_all_gather(kv, group) if size > 1 else None
     blocks.forward(own, q, kv, out, lse)
     if gathering is None:
         return
-    natural = natural_from_gathered(gathering.wait(), _KV_SEQ_DIM)
+    natural = natural_from_gathered(gathering.wait(), KV_SEQ_DIM)
     for block in others:
         blocks.forward(block, q, natural, out, lse)
 
 
-def _gather_backward(blocks: _Blocks, saved, kv, dq, group, rank, size) -> torch.Tensor:
+def _gather_backward(blocks: BlockRunner, saved, kv, dq, group, rank, size) -> torch.Tensor:
     own, *others = gathered_blocks(rank, size, dq.shape[2])
     gathering = start_all_gather(kv, group) if size > 1 else None
     dkv_own = torch.zeros_like(kv, dtype=dq.dtype)
     blocks.backward(own, saved, kv, dq, dkv_own)
     if gathering is None:
         return dkv_own
-    natural = natural_from_gathered(gathering.wait(), _KV_SEQ_DIM)
+    natural = natural_from_gathered(gathering.wait(), KV_SEQ_DIM)
     dkv_natural = torch.zeros_like(natural, dtype=dq.dtype)
     for block in others:
         blocks.backward(block, saved, natural, dq, dkv_natural)
-    stacked = gathered_from_natural(dkv_natural, size, _KV_SEQ_DIM)
+    stacked = gathered_from_natural(dkv_natural, size, KV_SEQ_DIM)
     stacked[rank] += dkv_own
     return start_reduce_scatter(stacked, group).wait()
 
@@ -181,11 +121,11 @@ class _SequenceSplitAttention(torch.autograd.Function):
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        q, kv = _as_blhe(query), _pack_kv(key, value)
-        acc_dtype = _accumulator_dtype(query.dtype)
+        q, kv = as_blhe(query), pack_kv(key, value)
+        acc_dtype = accumulator_dtype(query.dtype)
         out = torch.zeros_like(q, dtype=acc_dtype)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
-        blocks = _Blocks(backend, scale)
+        blocks = BlockRunner(backend, scale)
         run = _ring_forward if method == "ring" else _gather_forward
         run(blocks, q, kv, out, lse, group, rank, size)
         out = out.to(query.dtype)
@@ -205,8 +145,8 @@ class _SequenceSplitAttention(torch.autograd.Function):
         dout = strided_like(grad_out.to(out.dtype), out)
         dq = torch.zeros_like(q, dtype=lse.dtype)
         run = _ring_backward if method == "ring" else _gather_backward
-        dkv = run(_Blocks(backend, scale), (q, out, lse, dout), kv, dq, group, rank, size)
-        dk, dv = _unpack_kv(dkv)
+        dkv = run(BlockRunner(backend, scale), (q, out, lse, dout), kv, dq, group, rank, size)
+        dk, dv = unpack_kv(dkv)
         return dq.to(q.dtype), dk.to(key_dtype), dv.to(value_dtype), None, None, None, None
 
 
