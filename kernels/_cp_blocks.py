@@ -216,10 +216,11 @@ def merge_block(
     acc_out [b, h, l, e] and acc_lse [b, h, l] may be views (a range of rows); rows whose running
     lse is still -inf take the block's values.
     """
-    new_lse = torch.logaddexp(acc_lse, block_lse)
-    acc_out.mul_(torch.exp(acc_lse - new_lse).unsqueeze(-1))
-    acc_out.add_(block_out.to(acc_out.dtype) * torch.exp(block_lse - new_lse).unsqueeze(-1))
-    acc_lse.copy_(new_lse)
+    # out_new = (out e^lse + block e^block_lse) / e^new_lse, i.e. a lerp towards the block by its
+    # weight sigmoid(block_lse - lse): one pass over the output instead of four.
+    weight = torch.sigmoid(block_lse - acc_lse).unsqueeze(-1)
+    acc_out.lerp_(block_out.to(acc_out.dtype), weight)
+    acc_lse.copy_(torch.logaddexp(acc_lse, block_lse))
 
 
 class BlockRunner:
