@@ -139,6 +139,11 @@ def run(cfg: BlocksConfig) -> list[Row]:
     q, k, v, dout = rand(cfg.num_heads), rand(cfg.num_kv_heads), rand(cfg.num_kv_heads), rand(cfg.num_heads)
     scale = cfg.head_dim**-0.5
     backend = choose_backend(q, k, cfg.backend or None)
+    if device.type == "cuda":
+        works = {b: fused_backend_works(b, device, dtype, cfg.head_dim) for b in ("cudnn", "flash")}
+        print(f"fused backends that pass the GQA check against the math path: {works}; using {backend}", flush=True)
+        if backend == "math" and cfg.seq_len > 16384:
+            raise SystemExit(f"no fused attention backend works here; the math path cannot run {cfg.seq_len} tokens")
     rows = []
 
     mono = _monolithic(backend, q, k, v, dout, scale)
