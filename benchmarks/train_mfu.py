@@ -1,6 +1,8 @@
 """Training-step benchmark: MFU, tokens/s and peak memory of a compiled plan on GPUs.
 
     torchrun --nproc_per_node 2 benchmarks/train_mfu.py --num_layers 4 --seq_len 131072 --plan_ngpus 2 --policy tp
+    python benchmarks/train_mfu.py --device cpu --num_layers 2 --seq_len 32 --hidden_size 64 --intermediate_size 128 \
+        --num_heads 4 --num_kv_heads 2 --vocab_size 256 --steps 1 --warmup 1 --no-fused_kernels   # CPU smoke run
 
 Builds a Llama-3-8B-shaped model (hidden 4096, 32 heads, 8 KV heads, intermediate 14336,
 vocabulary 128256) with ``--num_layers`` layers, compiles it with the chunked cross-entropy loss,
@@ -31,6 +33,9 @@ PEAK_TFLOPS = 989.0
 class MfuArgs:
     """Flags of the benchmark (one field per flag)."""
 
+    device: str = field(default="cuda", metadata={
+        "help": "cuda (measure) or cpu (a smoke run on gloo that checks the path, not the numbers)",
+        "choices": ("cuda", "cpu")})
     num_layers: int = field(default=4, metadata={"help": "decoder layers of the Llama-3-8B-shaped model"})
     seq_len: int = field(default=8192, metadata={"help": "tokens per sequence"})
     micro_batch_size: int = field(default=1, metadata={"help": "sequences per micro-batch per model copy"})
@@ -56,27 +61,32 @@ class MfuArgs:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; rank 0 prints and returns the result record."""
     args = parse_dataclass_args(MfuArgs, argv, description=__doc__.split("\n\n")[0])
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/train_mfu.py measures GPUs: no CUDA device is visible here")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit("benchmarks/train_mfu.py measures GPUs but no CUDA device is visible; use --device cpu for a smoke run")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dimshard.planner import CompileConfig, compile_model
     from dimshard.runtime.distributed import init_parallel
     from dimshard.runtime.grad_reducer import GradReducer
-    from dimshard.runtime.metrics import flops_per_sequence
+    from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
     from dimshard.runtime.module import load_parallel_module, read_plan
     from dimshard.runtime.optimizer import ZeroAdamW
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_initialized():
-        kwargs = {"device_id": torch.device("cuda", local_rank)}
+        kwargs: dict = {}
+        if cuda:
+            torch.cuda.set_device(local_rank)
+            kwargs["device_id"] = torch.device("cuda", local_rank)
         if world == 1 and "MASTER_ADDR" not in os.environ:
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
-        dist.init_process_group("nccl", **kwargs)
+        dist.init_process_group("nccl" if cuda else "gloo", **kwargs)
     rank = dist.get_rank()
-    config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+    model_config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                          num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
                          num_key_value_heads=args.num_kv_heads, vocab_size=args.vocab_size,
                          max_position_embeddings=max(args.seq_len, 8192), rope_theta=500000.0,
@@ -84,30 +94,31 @@ def main(argv: list[str] | None = None) -> dict:
     compile_seconds = None
     if rank == 0:
         with torch.device("meta"):
-            model = LlamaForCausalLM(config)
+            model = LlamaForCausalLM(model_config)
         ids = torch.zeros(args.micro_batch_size, args.seq_len, dtype=torch.long)
         start = time.perf_counter()
         config = CompileConfig(plan_ngpus=args.plan_ngpus, policy=args.policy, recompute=args.recompute,
-                               param_dtype=torch.bfloat16, memory_budget_gb=args.memory_budget_gb,
+                               param_dtype=dtype, memory_budget_gb=args.memory_budget_gb,
                                fused_kernels=args.fused_kernels, loss="chunked_cross_entropy",
-                               loss_chunk_size=args.loss_chunk_size)
+                               loss_chunk_size=args.loss_chunk_size, hw_profile=None if cuda else "cpu")
         compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
         compile_seconds = time.perf_counter() - start
     dist.barrier()
     plan = read_plan(args.compile_dir)
-    ctx = init_parallel(plan)
+    ctx = init_parallel(plan, backend=None if cuda else "gloo")
     module = load_parallel_module(args.compile_dir, ctx)
     with torch.no_grad():
         for lp in module.local_parameters():
             lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
     params = module.local_parameters()
-    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=torch.bfloat16)
+    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype)
     reducer = GradReducer(params, ctx)
     gen = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.copy_index)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        synchronize()
         t0 = time.perf_counter()
         for micro in range(args.grad_accumulation_steps):
             ids = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_len), generator=gen,
@@ -118,16 +129,16 @@ def main(argv: list[str] | None = None) -> dict:
                 (loss / args.grad_accumulation_steps).backward()
         optimizer.step(reducer.finish(), 1e-5, 1.0)
         reducer.zero_grad()
-        torch.cuda.synchronize()
+        synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = sum(times) / len(times)
     sequences = args.micro_batch_size * args.grad_accumulation_steps * ctx.dp_size
     flops = flops_per_sequence(plan["model_stats"], args.seq_len) * sequences
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=ctx.device)
+    peak = torch.tensor([peak_memory_gb(ctx.device)], device=ctx.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     record = {
-        "gpu": torch.cuda.get_device_name(), "world_size": ctx.world_size, "plan_ngpus": args.plan_ngpus,
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu", "world_size": ctx.world_size, "plan_ngpus": args.plan_ngpus,
         "policy": plan["policy"], "mesh": plan["mesh"], "recompute": args.recompute, "layers": args.num_layers,
         "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
         "grad_accumulation_steps": args.grad_accumulation_steps, "num_params": plan["model_stats"]["num_params"],

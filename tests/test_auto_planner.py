@@ -227,3 +227,17 @@ def test_plan_accuracy_cpu_smoke_run(tmp_path):
     help_text = subprocess.run([sys.executable, str(ROOT / "benchmarks/plan_accuracy.py"), "--help"], check=True,
                                capture_output=True, text=True).stdout
     assert "--seq_lens" in help_text and "--device" in help_text
+
+
+def test_train_mfu_cpu_smoke_run(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/train_mfu.py"), "--device", "cpu", "--num_layers", "2",
+                          "--seq_len", "32", "--hidden_size", "64", "--intermediate_size", "128", "--num_heads", "4",
+                          "--num_kv_heads", "2", "--vocab_size", "256", "--steps", "1", "--warmup", "1",
+                          "--no-fused_kernels", "--compile_dir", str(tmp_path / "compile")],
+                         check=True, capture_output=True, text=True, timeout=300)
+    record = json.loads(run.stdout.strip().splitlines()[-1])
+    assert record["gpu"] == "cpu" and record["policy"] == "dp" and record["step_s"] > 0
+    assert record["tokens_per_s"] > 0 and record["mfu"] >= 0 and np.isfinite(record["loss"])
