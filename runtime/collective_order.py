@@ -40,6 +40,9 @@ _COLLECTIVE_METHODS = (
     "_reduce_scatter_base",
 )
 _P2P_METHODS = ("send", "recv")
+# Rooted collectives take different tensors on the root (a list per rank) and elsewhere: only
+# their name and group are compared.
+_ROOTED_METHODS = ("gather", "scatter")
 
 Event = tuple  # (kind, group ranks, operation, shapes) or ("p2p", src, dst, shapes)
 
@@ -90,7 +93,7 @@ def _logging(method: str, original: Callable[..., Any]) -> Callable[..., Any]:
                 src, dst = (me, peer) if method == "send" else (peer, me)
                 _LOG.events.append(("p2p", src, dst, facts))
             else:
-                _LOG.events.append(("collective", ranks, method, facts))
+                _LOG.events.append(("collective", ranks, method, () if method in _ROOTED_METHODS else facts))
         return original(self, *args, **kwargs)
 
     logged.__name__ = f"logged_{method}"
