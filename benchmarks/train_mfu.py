@@ -1,6 +1,8 @@
 """Training-step benchmark: MFU, tokens/s and peak memory of a compiled plan on GPUs.
 
     torchrun --nproc_per_node 2 benchmarks/train_mfu.py --num_layers 4 --seq_len 131072 --plan_ngpus 2 --policy tp
+    python benchmarks/train_mfu.py --num_layers 32 --seq_len 131072 --plan_ngpus 8 --fake_world_size 8 \
+        --policy auto --memory_budget_gb 80 --hw_profile h200     # rank 0 of the 8-GPU job, on one GPU
     python benchmarks/train_mfu.py --device cpu --num_layers 2 --seq_len 32 --hidden_size 64 --intermediate_size 128 \
         --num_heads 4 --num_kv_heads 2 --vocab_size 256 --steps 1 --warmup 1 --no-fused_kernels   # CPU smoke run
 
@@ -51,6 +53,12 @@ class MfuArgs:
         "help": "trace RMSNorm/SwiGLU/rotary as the fused Triton kernels (as train.py does on GPU)"})
     compile_dir: str = field(default="/tmp/dimshard_bench", metadata={"help": "where the compile output is written"})
     json_out: str | None = field(default=None, metadata={"help": "append the result as one JSON line to this file"})
+    fake_world_size: int = field(default=0, metadata={
+        "help": "run rank 0 of a job of this many GPUs alone, under torch's fake process group: collectives "
+                "move no data, so the step time is that rank's compute and the peak its memory (0: off)"})
+    hw_profile: str | None = field(default=None, metadata={
+        "help": "hardware profile the planner and the printed estimate use (shipped name or JSON path); "
+                "default: the GPU's own"})
     hidden_size: int = field(default=4096, metadata={"help": "hidden size (shrink for smoke tests)"})
     intermediate_size: int = field(default=14336, metadata={"help": "MLP width"})
     num_heads: int = field(default=32, metadata={"help": "attention heads"})
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dimshard.planner import CompileConfig, compile_model
+    from dimshard.planner.cost import estimate
     from dimshard.runtime.distributed import init_parallel
     from dimshard.runtime.grad_reducer import GradReducer
     from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
@@ -77,6 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.fake_world_size:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world_size)
     if not dist.is_initialized():
         kwargs: dict = {}
         if cuda:
@@ -91,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                          num_key_value_heads=args.num_kv_heads, vocab_size=args.vocab_size,
                          max_position_embeddings=max(args.seq_len, 8192), rope_theta=500000.0,
                          attn_implementation="sdpa", tie_word_embeddings=False)
-    compile_seconds = None
+    compile_seconds, predicted = None, None
     if rank == 0:
         with torch.device("meta"):
             model = LlamaForCausalLM(model_config)
@@ -100,12 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
         config = CompileConfig(plan_ngpus=args.plan_ngpus, policy=args.policy, recompute=args.recompute,
                                param_dtype=dtype, memory_budget_gb=args.memory_budget_gb,
                                fused_kernels=args.fused_kernels, loss="chunked_cross_entropy",
-                               loss_chunk_size=args.loss_chunk_size, hw_profile=None if cuda else "cpu")
-        compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
+                               loss_chunk_size=args.loss_chunk_size,
+                               hw_profile=args.hw_profile or (None if cuda else "cpu"))
+        result = compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
         compile_seconds = time.perf_counter() - start
+        predicted = estimate(result.graph, result.resolved, config.hw_profile,
+                             dp_size=dist.get_world_size() // args.plan_ngpus)
     dist.barrier()
     plan = read_plan(args.compile_dir)
-    ctx = init_parallel(plan, backend=None if cuda else "gloo")
+    ctx = init_parallel(plan, backend=None if cuda or args.fake_world_size else "gloo")
     module = load_parallel_module(args.compile_dir, ctx)
     with torch.no_grad():
         for lp in module.local_parameters():
@@ -146,6 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
         "mfu": round(flops / step_s / (ctx.world_size * PEAK_TFLOPS * 1e12), 4),
         "peak_mem_gb": round(peak.item(), 2), "compile_s": compile_seconds, "loss": round(loss.item(), 4),
     }
+    if predicted is not None:
+        # Under the fake group collectives cost nothing, so compare with the compute-only estimate.
+        record.update(fake_process_group=bool(args.fake_world_size),
+                      est_step_s=round(predicted.forward_backward_s * args.grad_accumulation_steps
+                                       + predicted.grad_sync_s + predicted.optimizer_s, 4),
+                      est_compute_only_s=round((predicted.compute_s * args.grad_accumulation_steps
+                                                + predicted.optimizer_s), 4),
+                      est_peak_gib=round(predicted.peak_bytes / 2**30, 2), est_hw_profile=predicted.hw_name)
     if rank == 0:
         print(json.dumps(record), flush=True)
         if args.json_out:

@@ -126,7 +126,9 @@ def init_parallel(
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = torch.device("cpu")
-    if "nccl" in backend:
+    # "fake" (torch's fake process group: one rank of a larger job, collectives move no data)
+    # computes on the GPU like the NCCL job it stands for.
+    if "nccl" in backend or (backend == "fake" and torch.cuda.is_available()):
         local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
