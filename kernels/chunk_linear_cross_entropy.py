@@ -498,7 +498,7 @@ class _ChunkLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden_states, grad_weight if need_weight else None, None, None, None
 
 
-@register_op("b l d^, n^ d^, b l -> b l")
+@register_op("b l d^, n^ d^, b l -> b l", cost="linear_cross_entropy", role="token_loss")
 def chunk_linear_cross_entropy(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,

@@ -16,20 +16,8 @@ import torch
 from .graph import BUFFER, CONSTANT, DEVICE, INPUT, PARAMETER, Graph, Op, TensorRef
 from .plan import Replicate, ResolvedPlan, Shard, TensorPlacement
 from .redistribute import redistribution_steps
+from .registry import reachable_as
 from .sequence_split import attention_code, reorder_import, zigzag_layout, zigzag_step
-
-_OPERATORS = {
-    "torch.Tensor.__add__": "+", "torch.Tensor.__sub__": "-", "torch.Tensor.__mul__": "*",
-    "torch.Tensor.__truediv__": "/", "torch.Tensor.__matmul__": "@", "torch.Tensor.__pow__": "**",
-    "torch.Tensor.__eq__": "==", "torch.Tensor.__ne__": "!=", "torch.Tensor.__lt__": "<", "torch.Tensor.__gt__": ">",
-    "torch.Tensor.__le__": "<=", "torch.Tensor.__ge__": ">=", "torch.Tensor.__and__": "&", "torch.Tensor.__or__": "|",
-}
-# Torch ops the generated code calls through a dimshard kernel with the same signature and values
-# (attention prefers cuDNN on Hopper: 523 against 319 TFLOP/s for torch's default choice, RESULTS.md).
-_SUBSTITUTES = {
-    "torch.nn.functional.scaled_dot_product_attention": ("dimshard.kernels.attention", "scaled_dot_product_attention"),
-}
-_SHAPE_ARG_OPS = {"torch.Tensor.view", "torch.Tensor.reshape", "torch.reshape", "torch.Tensor.expand"}
 
 
 class CodegenError(RuntimeError):
@@ -186,17 +174,19 @@ class _Writer:
                     f"({inner})" if isinstance(x, tuple) else f"[{inner}]")
             return _emit_value(x)
 
-        args = list(op.args)
-        if op.name in _SHAPE_ARG_OPS:
+        args, kwargs = op.args, op.kwargs
+        localize = op.record.localize
+        if localize is not None:
+            # Arguments that carry global sizes (view's shape) get this rank's local sizes.
             out_id = op.output_ids()[0]
             shape = self.resolved.local_shape(self.graph.tensors[out_id].shape, self.resolved.stored[out_id])
-            args = [args[0], tuple(shape)]
+            args, kwargs = localize(tuple(args), dict(kwargs), tuple(shape))
         axis = self.zigzag.attention_ops.get(op.index)
         if axis is not None:  # attention split along the sequence: the op exchanges K/V over the axis's group
             self.imports["sequence_split_attention"], call = attention_code(
                 op, axis, [local[t] for t in in_ids[:3]], f"self.groups[{self.mesh.axis_names[axis]!r}]")
         else:
-            call = self.call_expr(op, args, emit)
+            call = self.call_expr(op, list(args), kwargs, emit)
         outs = self.output_target(op)
         defines = [f"t{t}" for t in op.output_ids()]
         block.lines.append((f"{outs} = {call}  # {op.annotation}", defines, uses))
@@ -211,9 +201,10 @@ class _Writer:
             return "_"
         return fmt(op.output)
 
-    def call_expr(self, op: Op, args: list[Any], emit: Any) -> str:
-        kw = "".join(f", {k}={emit(v)}" for k, v in op.kwargs.items())
+    def call_expr(self, op: Op, args: list[Any], kwargs: dict[str, Any], emit: Any) -> str:
+        kw = "".join(f", {k}={emit(v)}" for k, v in kwargs.items())
         name = op.name
+        record = op.record
         if op.is_custom:
             impl = op.target
             module = impl.__module__
@@ -222,23 +213,22 @@ class _Writer:
                 f"{short} = __import__('__main__').{short}  # registered in the training script")
             rest = ", ".join(emit(a) for a in args)
             return f"{short}({rest}{kw})"
-        if name in _SUBSTITUTES:
-            module, short = _SUBSTITUTES[name]
+        if record.substitute is not None:
+            module, short = record.substitute.rsplit(".", 1)
             self.imports[short] = f"from {module} import {short}"
             joined = ", ".join(emit(a) for a in args)
             return f"{short}({joined}{kw if joined else kw.lstrip(', ')})"
-        if name == "torch.Tensor.__getitem__":
+        if record.operator == "[]":
             return f"{emit(args[0])}[{_emit_index(args[1], emit)}]"
-        if name in _OPERATORS and not op.kwargs and len(args) == 2:
-            return f"{emit(args[0])} {_OPERATORS[name]} {emit(args[1])}"
-        if name.startswith("torch.Tensor.") and args:
-            method = name[len("torch.Tensor."):]
+        if record.operator is not None and not kwargs and len(args) == 2:
+            return f"{emit(args[0])} {record.operator} {emit(args[1])}"
+        if record.dunder is not None and args:
+            joined = ", ".join(emit(a) for a in args)
+            return f"torch.Tensor.{record.dunder}({joined}{kw})"
+        if record.method is not None and args:
             rest = ", ".join(emit(a) for a in args[1:])
-            if method.startswith("__") and method not in ("__getitem__",):
-                joined = ", ".join(emit(a) for a in args)
-                return f"torch.Tensor.{method}({joined}{kw})"
-            return f"{emit(args[0])}.{method}({rest}{kw.lstrip(', ') if not rest else kw})"
-        if not _resolves(name, op.target):
+            return f"{emit(args[0])}.{record.method}({rest}{kw.lstrip(', ') if not rest else kw})"
+        if not reachable_as(name, op.target):
             raise CodegenError(f"op {name} ({op.target!r}) is not reachable by that name from generated code")
         joined = ", ".join(emit(a) for a in args)
         return f"{name}({joined}{kw if joined else kw.lstrip(', ')})"
@@ -268,18 +258,6 @@ def _placement_tag(p: Any) -> str:
     if isinstance(p, Shard):
         return f"s{p.dim}"
     return "r" if isinstance(p, Replicate) else "p"
-
-
-def _resolves(name: str, target: Any) -> bool:
-    obj: Any = torch
-    parts = name.split(".")
-    if parts[0] != "torch":
-        return False
-    for part in parts[1:]:
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return False
-    return obj is target or getattr(obj, "__name__", None) == getattr(target, "__name__", "")
 
 
 def _main_body(writer: _Writer) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .annotations import Annotation
+from .registry import OpRecord, op_record
 
 # Where a traced tensor comes from.
 ACTIVATION, PARAMETER, BUFFER, INPUT, CONSTANT = "activation", "parameter", "buffer", "input", "constant"
@@ -70,6 +71,17 @@ class Op:
     scope: str  # module path it was called from, e.g. model.layers.3.self_attn
     annotation: Annotation | None = None
     is_custom: bool = False
+
+    @property
+    def record(self) -> OpRecord:
+        """Everything the planner knows about this op (``registry.OpRecord``), looked up by name."""
+        return op_record(self.name)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """The argument given by position ``index`` or keyword ``name`` (tensors as ``TensorRef``)."""
+        if len(self.args) > index:
+            return self.args[index]
+        return self.kwargs.get(name, default)
 
     def input_ids(self) -> list[int]:
         """Ids of the tensor arguments, in the order the annotation lists them."""

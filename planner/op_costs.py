@@ -19,33 +19,6 @@ from .topology import axis_collective_seconds, collective_seconds
 BACKWARD_KIND = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
                  "all_to_all": "all_to_all", "local_slice": None}
 
-_VIEWS = {
-    "torch.Tensor.view", "torch.Tensor.reshape", "torch.reshape", "torch.Tensor.view_as", "torch.Tensor.reshape_as",
-    "torch.Tensor.transpose", "torch.transpose", "torch.Tensor.permute", "torch.permute", "torch.Tensor.unsqueeze",
-    "torch.unsqueeze", "torch.Tensor.squeeze", "torch.squeeze", "torch.Tensor.expand", "torch.Tensor.expand_as",
-    "torch.Tensor.flatten", "torch.flatten", "torch.Tensor.unflatten", "torch.unflatten", "torch.Tensor.__getitem__",
-    "torch.Tensor.split", "torch.split", "torch.Tensor.chunk", "torch.chunk", "torch.Tensor.detach",
-    "torch.Tensor.requires_grad_",
-}
-_CASTS = {"torch.Tensor.to", "torch.Tensor.float", "torch.Tensor.type", "torch.Tensor.bfloat16", "torch.Tensor.half",
-          "torch.Tensor.double", "torch.Tensor.type_as", "torch.Tensor.contiguous", "torch.Tensor.clone"}
-_COPIES = {"torch.Tensor.contiguous", "torch.Tensor.clone"}  # casts that copy even within a dtype
-_MATMULS = {"torch.nn.functional.linear", "torch.matmul", "torch.Tensor.matmul", "torch.Tensor.__matmul__",
-            "torch.bmm", "torch.Tensor.bmm"}
-SDPA = "torch.nn.functional.scaled_dot_product_attention"
-# Ops whose backward needs no saved values (besides shapes and dtypes).
-_SAVES_NOTHING = _VIEWS | _CASTS | {
-    "torch.Tensor.add", "torch.add", "torch.Tensor.__add__", "torch.Tensor.__radd__", "torch.Tensor.add_",
-    "torch.Tensor.sub", "torch.sub", "torch.Tensor.__sub__", "torch.Tensor.__rsub__", "torch.Tensor.neg",
-    "torch.neg", "torch.Tensor.__neg__", "torch.cat", "torch.concat", "torch.concatenate", "torch.stack",
-    "torch.Tensor.mean", "torch.mean", "torch.Tensor.sum", "torch.sum", "torch.nn.functional.pad",
-    "torch.Tensor.copy_",
-}
-# Products: the backward of one operand needs the other, so a product with a constant keeps nothing.
-_PRODUCTS = {"torch.Tensor.mul", "torch.mul", "torch.Tensor.__mul__", "torch.Tensor.__rmul__", "torch.Tensor.mul_",
-             "torch.Tensor.div", "torch.div", "torch.Tensor.__truediv__", "torch.Tensor.__rtruediv__"}
-
-
 def dtype_bytes(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
     if dtype == torch.bool:
@@ -72,11 +45,6 @@ def numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def is_chunked_loss(op: Op) -> bool:
-    """A registered cross-entropy op taking ``(hidden, weight, labels, ...)``: costed as its projection."""
-    return op.is_custom and "cross_entropy" in op.name
-
-
 @dataclass(frozen=True)
 class OpCost:
     """One op on its local shards: FLOPs, bytes moved, seconds forward and backward."""
@@ -100,15 +68,15 @@ def op_cost(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorP
     nbytes = float(sum(numel(s) * dtype_bytes(t.dtype) for s, t in zip(in_shapes + out_shapes, in_t + out_t)))
     has_backward = any(t.requires_grad for t in out_t)
     launch = hw.kernel_launch_us * 1e-6
-    name = op.name
+    record = op.record
     same_dtype = bool(in_t and out_t) and in_t[0].dtype == out_t[0].dtype
-    if name in _VIEWS or (name in _CASTS and same_dtype and name not in _COPIES):
+    if record.cost == "view" or (record.cost == "cast" and same_dtype):
         return OpCost(0.0, 0.0, 0.0, 0.0, "view")
-    if name in _MATMULS and len(in_shapes) >= 2 and in_shapes[0]:
+    if record.cost == "matmul" and len(in_shapes) >= 2 and in_shapes[0]:
         flops = 2.0 * numel(out_shapes[0]) * in_shapes[0][-1]
         fwd = max(flops / hw.matmul_rate(in_t[0].dtype), nbytes / hw.copy_rate) + launch
         return OpCost(flops, nbytes, fwd, 2 * fwd if has_backward else 0.0, "matmul", 2 * flops * has_backward)
-    if name == SDPA and len(in_shapes) >= 3 and len(in_shapes[0]) == 4:
+    if record.cost == "attention" and len(in_shapes) >= 3 and len(in_shapes[0]) == 4:
         from .sequence_split_cost import sequence_split_op_cost
 
         split = sequence_split_op_cost(graph, op, ins, mesh, hw)  # split along the sequence: K/V exchange inside
@@ -116,12 +84,11 @@ def op_cost(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorP
             return split
         (b, hq, lq, e), (_, _, s, _), f = in_shapes[0], in_shapes[1], in_shapes[2][-1]
         flops = 2.0 * b * hq * lq * s * (e + f)
-        causal = op.kwargs.get("is_causal", op.args[5] if len(op.args) > 5 else False)
-        if causal:
-            flops /= 2
+        if record.mask_density is not None:
+            flops *= record.mask_density(op, lq, s)
         fwd = flops / hw.attention_rate(in_t[0].dtype) + launch
         return OpCost(flops, nbytes, fwd, 2 * fwd if has_backward else 0.0, "attention", 2 * flops * has_backward)
-    if is_chunked_loss(op) and len(in_shapes) >= 2 and len(in_shapes[1]) == 2:
+    if record.cost == "linear_cross_entropy" and len(in_shapes) >= 2 and len(in_shapes[1]) == 2:
         hidden, weight = in_shapes[0], in_shapes[1]
         tokens = numel(hidden) // max(hidden[-1], 1)
         flops = 2.0 * tokens * weight[0] * weight[1]
@@ -142,11 +109,12 @@ def op_cost(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorP
 def saved_inputs(graph: Graph, op: Op) -> list[int]:
     """Positions of the tensor inputs ``op`` keeps for its backward (see the module docstring)."""
     in_ids = op.input_ids()
-    if not any(graph.tensors[t].requires_grad for t in op.output_ids()) or op.name in _SAVES_NOTHING:
+    saved = op.record.saved
+    if not any(graph.tensors[t].requires_grad for t in op.output_ids()) or saved == "nothing":
         return []
     kinds = [graph.tensors[t].kind for t in in_ids]
     keep = [i for i, k in enumerate(kinds) if k in (ACTIVATION, INPUT)]
-    if op.name in _PRODUCTS:
+    if saved == "other_operand":
         # x * y keeps x only when y needs a gradient, and the other way round.
         grads = [graph.tensors[t].requires_grad for t in in_ids]
         keep = [i for i in keep if any(g for j, g in enumerate(grads) if j != i)]
@@ -154,8 +122,8 @@ def saved_inputs(graph: Graph, op: Op) -> list[int]:
 
 
 def saves_output(op: Op) -> bool:
-    """Attention keeps its output (and a small log-sum-exp) for backward."""
-    return op.name == SDPA
+    """Whether ``op`` keeps its output for backward (attention: with a small log-sum-exp)."""
+    return op.record.saved == "inputs_and_output"
 
 
 def working_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorPlacement], mesh: Mesh) -> int:
@@ -170,12 +138,12 @@ def working_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[T
     from .sequence_split_cost import exchange_buffer_bytes
 
     total += int(exchange_buffer_bytes(graph, op, ins, mesh))  # K/V exchange of a sequence-split attention
-    if is_chunked_loss(op):
+    if op.record.cost == "linear_cross_entropy":
         hidden = local_shape(graph.tensors[op.input_ids()[0]].shape, ins[0], mesh)
         vocab = local_shape(graph.tensors[op.input_ids()[1]].shape, ins[1], mesh)[0]
         from dimshard.kernels.chunk_linear_cross_entropy import precompute_tile_sizes
 
-        chunk = op.kwargs.get("chunk_size", op.args[4] if len(op.args) > 4 else None)
+        chunk = op.arg(4, "chunk_size")
         itemsize = dtype_bytes(graph.tensors[op.input_ids()[0]].dtype)
         tokens = numel(hidden) // max(hidden[-1], 1)
         chunk_tokens, _ = precompute_tile_sizes(tokens, vocab, itemsize, chunk, None)

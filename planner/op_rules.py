@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .registry import OpCall, TensorMeta, set_rule
+from .registry import OpCall, TensorMeta, get_rule, set_rule
 
 
 class _Names:
@@ -390,6 +390,28 @@ def _triangular(call: OpCall) -> str:
     return f"{_fmt(names)} -> {_fmt(names)}"
 
 
+def _sdpa_density(op: Any, queries: int, keys: int) -> float:
+    """A causal call computes half of the ``queries x keys`` scores."""
+    return 0.5 if op.arg(5, "is_causal", False) else 1.0
+
+
+def _local_output_shape(args: tuple, kwargs: dict, local_out: tuple[int, ...]) -> tuple[tuple, dict]:
+    """view / reshape / expand: the shape argument becomes the local output's shape."""
+    return (args[0], tuple(local_out)), kwargs
+
+
+def _local_unflatten(args: tuple, kwargs: dict, local_out: tuple[int, ...]) -> tuple[tuple, dict]:
+    """unflatten(dim, sizes): ``sizes`` become the local output's sizes at those dims."""
+    call = OpCall("unflatten", args, kwargs, [], [])
+    dim, sizes = call.arg(1, "dim"), call.arg(2, "sizes")
+    in_ndim = len(local_out) - len(sizes) + 1
+    start = _norm_dim(dim, in_ndim)
+    local = tuple(local_out[start:start + len(sizes)])
+    if len(args) > 2:
+        return (*args[:2], local, *args[3:]), kwargs
+    return args, {**kwargs, "sizes": local}
+
+
 _ELEMENTWISE = [
     "add", "sub", "mul", "div", "true_divide", "pow", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "sin", "cos",
     "tanh", "sigmoid", "reciprocal", "square", "clamp", "clip", "maximum", "minimum", "eq", "ne", "lt", "gt",
@@ -408,38 +430,255 @@ def _register_defaults() -> None:
         set_rule([f"torch.Tensor.{n}", f"torch.{n}"], _elementwise)
     for n in ["silu", "gelu", "relu", "dropout", "softplus", "leaky_relu", "elu", "mish", "hardswish"]:
         set_rule(f"torch.nn.functional.{n}", _elementwise)
-    set_rule(["torch.Tensor.to", "torch.Tensor.type_as"], _first_elementwise)
-    set_rule("torch.nn.functional.linear", _linear)
-    set_rule(["torch.matmul", "torch.Tensor.matmul", "torch.Tensor.__matmul__", "torch.bmm", "torch.Tensor.bmm"],
-             _matmul)
-    set_rule(["torch.Tensor.view", "torch.Tensor.reshape", "torch.reshape", "torch.Tensor.view_as",
-              "torch.Tensor.reshape_as"], _reshape)
+    set_rule(["torch.Tensor.to", "torch.Tensor.type_as"], _first_elementwise, cost="cast")
+    set_rule("torch.nn.functional.linear", _linear, cost="matmul", role="projection")
+    set_rule(["torch.matmul", "torch.Tensor.matmul", "torch.bmm", "torch.Tensor.bmm"], _matmul, cost="matmul")
+    set_rule("torch.Tensor.__matmul__", _matmul, cost="matmul", operator="@")
+    set_rule(["torch.Tensor.view", "torch.Tensor.reshape", "torch.reshape"], _reshape, cost="view",
+             localize=_local_output_shape)
+    set_rule(["torch.Tensor.view_as", "torch.Tensor.reshape_as"], _reshape, cost="view")
     set_rule(["torch.Tensor.unsqueeze", "torch.unsqueeze", "torch.Tensor.squeeze", "torch.squeeze",
-              "torch.Tensor.flatten", "torch.flatten", "torch.Tensor.unflatten", "torch.unflatten"], _squeeze_like)
-    set_rule(["torch.Tensor.transpose", "torch.transpose"], _transpose)
-    set_rule(["torch.Tensor.permute", "torch.permute"], _permute)
-    set_rule(["torch.Tensor.expand", "torch.Tensor.expand_as"], _expand)
-    set_rule("torch.Tensor.__getitem__", _getitem)
-    set_rule("torch.Tensor.__setitem__", _opaque)
-    set_rule(["torch.cat", "torch.concat", "torch.concatenate"], _cat)
-    set_rule("torch.stack", _stack)
-    set_rule(["torch.Tensor.split", "torch.split", "torch.Tensor.chunk", "torch.chunk"], _split)
-    set_rule(["torch.Tensor.sum", "torch.sum"], _reduction(sum_like=True))
+              "torch.Tensor.flatten", "torch.flatten"], _squeeze_like, cost="view")
+    set_rule(["torch.Tensor.unflatten", "torch.unflatten"], _squeeze_like, cost="view", localize=_local_unflatten)
+    set_rule(["torch.Tensor.transpose", "torch.transpose"], _transpose, cost="view")
+    set_rule(["torch.Tensor.permute", "torch.permute"], _permute, cost="view")
+    set_rule("torch.Tensor.expand", _expand, cost="view", localize=_local_output_shape)
+    set_rule("torch.Tensor.expand_as", _expand, cost="view")
+    set_rule("torch.Tensor.__getitem__", _getitem, cost="view", operator="[]")
+    set_rule("torch.Tensor.__setitem__", _opaque, mutates_first_arg=True)
+    set_rule(["torch.cat", "torch.concat", "torch.concatenate"], _cat, saves="nothing")
+    set_rule("torch.stack", _stack, saves="nothing")
+    set_rule(["torch.Tensor.split", "torch.split", "torch.Tensor.chunk", "torch.chunk"], _split, cost="view")
+    set_rule(["torch.Tensor.sum", "torch.sum"], _reduction(sum_like=True), saves="nothing")
     for n in ["mean", "amax", "amin", "all", "any", "prod", "logsumexp", "norm", "var", "std"]:
         set_rule([f"torch.Tensor.{n}", f"torch.{n}"], _reduction(sum_like=False))
+    set_rule(["torch.Tensor.mean", "torch.mean"], saves="nothing")
     set_rule(["torch.Tensor.max", "torch.max", "torch.Tensor.min", "torch.min"], _reduction(sum_like=False))
     for n in ["softmax", "log_softmax", "cumsum", "cumprod"]:
         set_rule([f"torch.Tensor.{n}", f"torch.{n}", f"torch.nn.functional.{n}"], _along_dim())
     set_rule("torch.diff", _factory)
     set_rule(["torch.Tensor.triu", "torch.triu", "torch.Tensor.tril", "torch.tril"], _triangular)
-    set_rule("torch.nn.functional.pad", _pad)
-    set_rule("torch.nn.functional.embedding", _embedding)
+    set_rule("torch.nn.functional.pad", _pad, saves="nothing")
+    set_rule("torch.nn.functional.embedding", _embedding, role="embedding")
     set_rule("torch.nn.functional.cross_entropy", _cross_entropy)
-    set_rule("torch.nn.functional.scaled_dot_product_attention", _sdpa)
+    # Generated code calls dimshard's drop-in, which prefers cuDNN on Hopper (523 against 319
+    # TFLOP/s for torch's default choice, benchmarks/RESULTS.md).
+    set_rule("torch.nn.functional.scaled_dot_product_attention", _sdpa, cost="attention",
+             substitute="dimshard.kernels.attention.scaled_dot_product_attention", mask_density=_sdpa_density)
     for n in ["arange", "zeros", "ones", "full", "empty", "tensor", "as_tensor", "randn", "rand", "linspace"]:
         set_rule(f"torch.{n}", _factory)
     set_rule(["torch.Tensor.new_zeros", "torch.Tensor.new_ones", "torch.Tensor.new_full", "torch.Tensor.new_empty",
               "torch.Tensor.new_tensor"], _factory)
 
+    _register_elementwise_facts()
+
+
+# Infix forms generated code writes instead of ``torch.Tensor.__add__(a, b)``.
+_OPERATORS = {
+    "__add__": "+", "__sub__": "-", "__mul__": "*", "__truediv__": "/", "__pow__": "**", "__eq__": "==",
+    "__ne__": "!=", "__lt__": "<", "__gt__": ">", "__le__": "<=", "__ge__": ">=", "__and__": "&", "__or__": "|",
+}
+# Unary and binary ops whose backward needs no saved values.
+_ADDITIVE = ["torch.Tensor.add", "torch.add", "torch.Tensor.__add__", "torch.Tensor.__radd__", "torch.Tensor.add_",
+             "torch.Tensor.sub", "torch.sub", "torch.Tensor.__sub__", "torch.Tensor.__rsub__", "torch.Tensor.neg",
+             "torch.neg", "torch.Tensor.__neg__", "torch.Tensor.copy_"]
+# Products: the backward of one operand needs the other, so a product with a constant keeps nothing.
+_PRODUCTS = ["torch.Tensor.mul", "torch.mul", "torch.Tensor.__mul__", "torch.Tensor.__rmul__", "torch.Tensor.mul_",
+             "torch.Tensor.div", "torch.div", "torch.Tensor.__truediv__", "torch.Tensor.__rtruediv__"]
+# Calls that only read metadata or control autograd state: run, never recorded.
+_UNRECORDED = [
+    "torch.Tensor.size", "torch.Tensor.dim", "torch.Tensor.numel", "torch.Tensor.__len__",
+    "torch.Tensor.__bool__", "torch.Tensor.item", "torch.Tensor.tolist", "torch.Tensor.is_floating_point",
+    "torch.Tensor.is_contiguous", "torch.Tensor.stride", "torch.Tensor.data_ptr", "torch.Tensor.element_size",
+    "torch.Tensor.__format__", "torch.Tensor.__repr__", "torch.Tensor.get_device", "torch.Tensor.__index__",
+    "torch.Tensor.__int__", "torch.Tensor.__float__", "torch.Tensor.__hash__", "torch.Tensor.is_complex",
+    "torch.is_floating_point", "torch.is_tensor", "torch.numel", "torch.is_complex",
+    "torch.is_autocast_enabled", "torch.get_autocast_dtype", "torch.Tensor.untyped_storage",
+]
+
+
+def _register_elementwise_facts() -> None:
+    """Cost classes, saved values and operator forms of the ops ``_ELEMENTWISE`` registers."""
+    set_rule(["torch.Tensor.detach", "torch.Tensor.requires_grad_"], cost="view")
+    set_rule([f"torch.Tensor.{n}" for n in ("float", "type", "bfloat16", "half", "double")], cost="cast")
+    set_rule(["torch.Tensor.contiguous", "torch.Tensor.clone"], cost="copy")
+    set_rule(_ADDITIVE, saves="nothing")
+    set_rule(_PRODUCTS, saves="other_operand")
+    for method, symbol in _OPERATORS.items():
+        set_rule(f"torch.Tensor.{method}", operator=symbol)
+    set_rule(_UNRECORDED, traced=False)
+
 
 _register_defaults()
+
+
+# ============================================================================================
+# Model breadth: ops of further decoder families (LayerNorm models, Gemma's scalar embedding
+# scale, interleaved and partial rotary, GPT-2's Conv1D). Each rule has a case in
+# tests/test_op_rules.py; the families are exercised end to end by tests/test_model_breadth.py.
+# ============================================================================================
+
+
+def _zero_dim_safe(rule: Any) -> Any:
+    """``rule`` for calls whose only tensor input is 0-d too (Gemma's ``normalizer.to(dtype)``).
+
+    A 0-d tensor is an empty spec, and an annotation whose left side is empty names no inputs;
+    ``...`` (bound to no dims) names the one 0-d input instead.
+    """
+
+    def rule_with_scalars(call: OpCall) -> str:
+        text = rule(call)
+        left, right = text.split("->")
+        if len(call.inputs) == 1 and not left.strip():
+            return "... ->" + right
+        return text
+
+    rule_with_scalars.__wrapped__ = rule  # type: ignore[attr-defined]
+    return rule_with_scalars
+
+
+def _layer_norm(call: OpCall) -> str:
+    """layer_norm / rms_norm over the trailing ``normalized_shape`` dims; weight and bias (if any) have those dims."""
+    x = call.inputs[0]
+    shape = call.arg(1, "normalized_shape")
+    k = 1 if isinstance(shape, int) else len(shape)
+    lead = [f"d{i}" for i in range(x.ndim - k)]
+    normed = [f"n{i}^" for i in range(k)]
+    params = [_fmt(normed)] * (len(call.inputs) - 1)
+    return ", ".join([_fmt(lead + normed)] + params) + " -> " + _fmt(lead + normed)
+
+
+def _repeat_interleave(call: OpCall) -> str:
+    """``repeat_interleave(x, r, dim)``: out[i * r + j] = x[i] along ``dim``, the dim ``(d r)`` with r created."""
+    x = call.inputs[0]
+    repeats, dim = call.arg(1, "repeats"), call.arg(2, "dim")
+    if dim is None or not isinstance(repeats, int) or len(call.inputs) > 1 or repeats < 1:
+        return _opaque(call)  # flattening, or per-element repeat counts
+    d = _norm_dim(dim, x.ndim)
+    names = [f"d{i}" for i in range(x.ndim)]
+    out = list(names)
+    if repeats > 1:
+        out[d] = f"({names[d]} r)"
+    return f"{_fmt(names)} -> {_fmt(out)}"
+
+
+def _repeat(call: OpCall) -> str:
+    """``x.repeat(*sizes)``: tiled dims (and new leading ones) are created whole; untiled dims map through."""
+    x = call.inputs[0]
+    sizes = call.args[1:] if len(call.args) > 2 else call.arg(1, "repeats")
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    extra = len(sizes) - x.ndim
+    if extra < 0:
+        return _opaque(call)
+    names = _Names("x")
+    ins: list[str] = []
+    outs = [names() + "^" for _ in range(extra)]
+    for i in range(x.ndim):
+        n = names()
+        if sizes[extra + i] == 1:
+            ins.append(n)
+            outs.append(n)
+        else:
+            ins.append(n + "^")
+            outs.append(names() + "^")
+    return f"{_fmt(ins)} -> {_fmt(outs)}"
+
+
+def _addmm(call: OpCall) -> str:
+    """``addmm(bias, x, w)`` (GPT-2's Conv1D): bias [n] or [m n], x [m k], w [k n]; k whole, as for a biased linear."""
+    bias = call.inputs[0]
+    if len(call.inputs) != 3 or call.inputs[1].ndim != 2 or call.inputs[2].ndim != 2 or bias.ndim > 2:
+        return _opaque(call)
+    bias_spec = {0: "", 1: "n", 2: "m n"}[bias.ndim]
+    if bias.ndim == 2:
+        bias_spec = " ".join("1" if s == 1 else n for s, n in zip(bias.shape, ["m", "n"]))
+    elif bias.ndim == 1 and bias.shape[0] == 1:
+        bias_spec = "1"
+    return f"{bias_spec}, m k^, k^ n -> m n"
+
+
+def _baddbmm(call: OpCall) -> str:
+    """``baddbmm(input, b1, b2)``: input + b1 @ b2 over batched [b m k] x [b k n]; k whole (input is added once)."""
+    bias, a, b = (call.inputs + [None, None, None])[:3]
+    if len(call.inputs) != 3 or a.ndim != 3 or b.ndim != 3 or bias.ndim > 3:
+        return _opaque(call)
+    full = ["b", "m", "n"][3 - bias.ndim:]
+    offset = 3 - bias.ndim
+    bias_spec = _fmt(["1" if size == 1 and call.outputs[0].shape[offset + i] != 1 else full[i]
+                      for i, size in enumerate(bias.shape)])
+    return f"{bias_spec}, b m k^, b k^ n -> b m n"
+
+
+def _with_shape_operand(rule: Any) -> Any:
+    """``expand_as`` / ``view_as`` / ``reshape_as``: the second tensor only lends its shape (frozen, no flow)."""
+
+    def rule_with_operand(call: OpCall) -> str:
+        first = rule(OpCall(call.name, call.args, call.kwargs, call.inputs[:1], call.outputs))
+        if len(call.inputs) == 1:
+            return first
+        left, right = first.split("->")
+        rest = [_fmt(_frozen(t.ndim, _Names("w"))) for t in call.inputs[1:]]
+        return ", ".join([left.strip() or "..."] + rest) + " ->" + right
+
+    rule_with_operand.__wrapped__ = rule  # type: ignore[attr-defined]
+    return rule_with_operand
+
+
+def _binary_or_reduction(reduction: Any) -> Any:
+    """``torch.max(a, b)`` / ``torch.min(a, b)`` of two tensors is elementwise; with a dim it is a reduction."""
+
+    def rule(call: OpCall) -> str:
+        return _elementwise(call) if len(call.inputs) > 1 else reduction(call)
+
+    rule.__wrapped__ = reduction  # type: ignore[attr-defined]
+    return rule
+
+
+def _index_select(call: OpCall) -> str:
+    """``x.index_select(dim, index)``: other dims map through; the selected dim and the index stay whole."""
+    x = call.inputs[0]
+    if len(call.inputs) != 2 or call.inputs[1].ndim != 1:
+        return _opaque(call)
+    d = _norm_dim(call.arg(1, "dim"), x.ndim)
+    ins = [f"d{i}" + ("^" if i == d else "") for i in range(x.ndim)]
+    outs = [f"d{i}" if i != d else "s^" for i in range(x.ndim)]
+    return f"{_fmt(ins)}, s^ -> {_fmt(outs)}"
+
+
+_MORE_ELEMENTWISE = ["relu", "floor", "ceil", "round", "trunc", "sign", "log1p", "expm1", "sinh", "cosh", "atan", "log2",
+                     "exp2", "fmod", "isnan", "isinf", "isfinite", "nan_to_num", "clamp_min", "clamp_max"]
+
+
+def _register_breadth_rules() -> None:
+    for name in ["torch.nn.functional.layer_norm", "torch.layer_norm", "torch.nn.functional.rms_norm",
+                 "torch.rms_norm"]:
+        set_rule(name, _layer_norm)
+    # Copies whose backward is a sum over the repeats: no values kept.
+    set_rule(["torch.repeat_interleave", "torch.Tensor.repeat_interleave"], _repeat_interleave, saves="nothing")
+    set_rule("torch.Tensor.repeat", _repeat, saves="nothing")
+    set_rule("torch.addmm", _addmm)
+    set_rule(["torch.baddbmm", "torch.Tensor.baddbmm"], _baddbmm)
+    set_rule("torch.functional.split", get_rule("torch.split"))
+    set_rule(["torch.Tensor.index_select", "torch.index_select"], _index_select)
+    for name in ["torch.Tensor.expand_as", "torch.Tensor.view_as", "torch.Tensor.reshape_as"]:
+        set_rule(name, _with_shape_operand(get_rule(name)))
+    for name in ["torch.max", "torch.Tensor.max", "torch.min", "torch.Tensor.min"]:
+        set_rule(name, _binary_or_reduction(get_rule(name)))
+    for n in _MORE_ELEMENTWISE:
+        set_rule([f"torch.Tensor.{n}", f"torch.{n}"], _elementwise)
+    for n in ["tanh", "sigmoid", "logsigmoid", "relu6", "selu", "celu", "gelu_new"]:
+        set_rule(f"torch.nn.functional.{n}", _elementwise)
+    # Every rule function that can meet a single 0-d input (casts and arithmetic on Gemma's scalar
+    # normalizer, factories of a 0-d tensor) learns to name it.
+    zero_dim_ops = ([f"torch.Tensor.{n}" for n in _ELEMENTWISE + _MORE_ELEMENTWISE] +
+                    [f"torch.{n}" for n in _ELEMENTWISE + _MORE_ELEMENTWISE] +
+                    ["torch.Tensor.to", "torch.Tensor.type_as", "torch.Tensor.expand", "torch.Tensor.expand_as",
+                     "torch.Tensor.unsqueeze", "torch.unsqueeze", "torch.Tensor.view", "torch.Tensor.reshape",
+                     "torch.reshape", "torch.Tensor.__getitem__", "torch.Tensor.view_as", "torch.Tensor.reshape_as"])
+    for name in zero_dim_ops:
+        rule = get_rule(name)
+        if callable(rule) and not hasattr(rule, "__wrapped__"):
+            set_rule(name, _zero_dim_safe(rule))
+
+
+_register_breadth_rules()

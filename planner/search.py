@@ -55,7 +55,6 @@ from .cost import analyze as analyze_plan
 from .graph import Graph, Op
 from .hardware import HardwareProfile, load_hw_profile
 from .layers import layer_structure, mlp_scopes
-from .op_costs import SDPA, is_chunked_loss
 from .placement_problem import PlacementProblem, Weights
 from .plan import Mesh, Plan, PlanError, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, recompute_scopes, register_policy
@@ -70,6 +69,8 @@ __all__ = ["Candidate", "SearchResult", "auto", "candidate_meshes", "layer_struc
 # Multipliers of the natural time-per-byte scale tried for the memory weight lambda.
 LAMBDA_MULTIPLIERS = (0.1, 1.0, 10.0, 100.0, 1e4)
 RUNNER_UPS = 5
+# Cost classes whose splits name the mesh axes (tp, sp, batch).
+_HEAVY = ("matmul", "attention", "linear_cross_entropy")
 
 # --------------------------------------------------------------------------------------------
 # The policy
@@ -112,7 +113,7 @@ def _role(op: Op, name: str | None) -> str:
     if name is None:
         return "replica"
     first = op.annotation.inputs[0].names() if op.annotation and op.annotation.inputs else []
-    if name not in first or op.name == SDPA and first.index(name) > 0:
+    if name not in first or op.record.cost == "attention" and first.index(name) > 0:
         return "tp"
     i = first.index(name)
     if i == 0:
@@ -126,8 +127,7 @@ def name_axes(graph: Graph, plan: Plan) -> Plan:
         return Plan(Mesh(("unit",), (1,)), dict(plan.splits), list(plan.recompute_scopes), plan.name)
     votes: list[dict[str, float]] = [{} for _ in plan.mesh.shape]
     for op in graph.ops:
-        heavy = op.name == SDPA or op.name.endswith("linear") or "matmul" in op.name or is_chunked_loss(op)
-        if not heavy:
+        if op.record.cost not in _HEAVY:
             continue
         weight = float(np.prod(graph.tensors[op.output_ids()[0]].shape or (1,), dtype=np.float64))
         for axis, name in enumerate(plan.split_of(op.index)):

@@ -16,24 +16,12 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode, resolve_name
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .annotations import AnnotationError, parse_annotation
 from .graph import BUFFER, CONSTANT, DEVICE, INPUT, PARAMETER, Graph, Op, Tensor, TensorRef
-from .registry import OpCall, TensorMeta, custom_op_name, get_rule
-
-# Calls that only read metadata or control autograd state: run, never recorded.
-_UNRECORDED = {
-    "torch.Tensor.size", "torch.Tensor.dim", "torch.Tensor.numel", "torch.Tensor.__len__",
-    "torch.Tensor.__bool__", "torch.Tensor.item", "torch.Tensor.tolist", "torch.Tensor.is_floating_point",
-    "torch.Tensor.is_contiguous", "torch.Tensor.stride", "torch.Tensor.data_ptr", "torch.Tensor.element_size",
-    "torch.Tensor.__format__", "torch.Tensor.__repr__", "torch.Tensor.get_device", "torch.Tensor.__index__",
-    "torch.Tensor.__int__", "torch.Tensor.__float__", "torch.Tensor.__hash__", "torch.Tensor.is_complex",
-    "torch.is_floating_point", "torch.is_tensor", "torch.numel", "torch.is_complex",
-    "torch.is_autocast_enabled", "torch.get_autocast_dtype", "torch.Tensor.untyped_storage",
-}
-_INPLACE_SETITEM = "torch.Tensor.__setitem__"
+from .registry import OpCall, TensorMeta, custom_op_name, get_rule, is_recorded, op_name, op_record
 
 
 class TraceError(RuntimeError):
@@ -42,21 +30,6 @@ class TraceError(RuntimeError):
 
 def _is_meta_device(x: Any) -> bool:
     return (isinstance(x, torch.device) and x.type == "meta") or x == "meta"
-
-
-def op_name(func: Callable) -> str:
-    """A stable, readable name for a traced callable (``torch.nn.functional.linear``)."""
-    custom = custom_op_name(func)
-    if custom is not None:
-        return custom
-    name = resolve_name(func)
-    if name is None:
-        qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-        module = getattr(func, "__module__", None) or "torch"
-        name = f"{module}.{qual}"
-    if name.startswith("torch._C.TensorBase."):
-        name = "torch.Tensor." + name[len("torch._C.TensorBase."):]
-    return name
 
 
 class _Recorder(TorchFunctionMode):
@@ -100,7 +73,7 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = op_name(func)
-        if name in _UNRECORDED or name.endswith(".__get__") and _is_metadata_getter(name):
+        if not is_recorded(name):
             return func(*args, **kwargs)
         flat, _ = tree_flatten((args, kwargs))
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
@@ -112,17 +85,15 @@ class _Recorder(TorchFunctionMode):
             run_args, run_kwargs = tree_map(lambda x: torch.device("cpu") if _is_meta_device(x) else x, (args, kwargs))
         out = func(*run_args, **run_kwargs)
 
-        if name == _INPLACE_SETITEM:
-            out_struct = args[0]
-        else:
-            out_struct = out
+        writes_first_arg = op_record(name).mutates_first_arg
+        out_struct = args[0] if writes_first_arg else out
         out_flat, _ = tree_flatten(out_struct)
         if not any(isinstance(x, torch.Tensor) for x in out_flat):
             return out  # metadata, a Python value, or a side effect we do not model
         ref_args, ref_kwargs = tree_map(self._to_ref, (args, kwargs))
         index = len(self.graph.ops)
         op = Op(index, name, func, ref_args, ref_kwargs, None, self.scope(), is_custom=custom_op_name(func) is not None)
-        if name == _INPLACE_SETITEM:
+        if writes_first_arg:
             op.output = TensorRef(self.new_tensor(args[0], "activation", producer=index))
         else:
             op.output = tree_map(
@@ -155,12 +126,6 @@ class _Recorder(TorchFunctionMode):
         if isinstance(x, torch.Size):
             return tuple(x)
         return x
-
-
-def _is_metadata_getter(name: str) -> bool:
-    attr = name.rsplit(".", 2)[-2]
-    return attr in {"shape", "dtype", "device", "is_cuda", "is_meta", "requires_grad", "ndim", "layout",
-                    "is_leaf", "grad_fn", "names", "is_sparse", "is_quantized", "is_nested"}
 
 
 @contextlib.contextmanager

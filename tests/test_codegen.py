@@ -93,3 +93,38 @@ def test_uneven_split_is_a_clear_error():
     frozen = next(op for op in graph.ops if op.name == "torch.nn.functional.embedding")
     with pytest.raises(PlanError, match="may not be split"):
         resolve_placements(graph, Plan(Mesh(("tp",), (2,)), {frozen.index: ("n",)}))
+
+
+class _Unflatten(torch.nn.Module):
+    """A projection whose output features are unflattened into (heads, head_dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 64, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x).unflatten(-1, (4, 16))
+        return (h * h).sum()
+
+
+def test_unflatten_of_a_split_outer_dim_gets_local_sizes():
+    from dimshard.planner import trace
+    from dimshard.planner.codegen import generate_rank_code
+
+    torch.manual_seed(0)
+    model, x = _Unflatten(), torch.randn(2, 3, 16)
+    graph = trace(model, {"x": x})
+    proj = next(op for op in graph.ops if op.name == "torch.nn.functional.linear")
+    unflatten = next(op for op in graph.ops if op.name == "torch.Tensor.unflatten")
+    heads = unflatten.annotation.inputs[0].dims[-1].names[0]  # the outer name of (h d)
+    plan = Plan(Mesh(("tp",), (2,)), {proj.index: ("n",), unflatten.index: (heads,)})
+    resolved = resolve_placements(graph, plan)
+    assert resolved.op_inputs[unflatten.index][0] == (Shard(2),)
+    line = next(line.strip() for line in generate_rank_code(graph, resolved, 1).splitlines()
+                if ".unflatten(" in line)
+    target, expr = line.split("#")[0].split(" = ", 1)
+    # Rank 1 holds features 32..63 of the projection: heads 2 and 3 once unflattened.
+    full = model.proj(x)
+    local = {expr.split(".unflatten")[0]: full[..., 32:]}
+    assert "(2, 16)" in expr
+    torch.testing.assert_close(eval(expr, {"torch": torch}, local), full.unflatten(-1, (4, 16))[..., 2:, :])
