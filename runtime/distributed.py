@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from . import collective_order
+
 __all__ = ["ParallelContext", "destroy_parallel", "init_parallel"]
 
 
@@ -105,6 +107,7 @@ def init_parallel(
     """
     plan_ngpus = int(plan["plan_ngpus"])
     axis_names, axis_sizes = _check_plan(plan, plan_ngpus)
+    collective_order.enable_from_env()  # the debug log must see the groups' first collectives
 
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()

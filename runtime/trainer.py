@@ -21,6 +21,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from .collective_order import check_collective_order
 from .data import MicroBatchStream, make_batch_stream
 from .failures import StopSignal
 from .faults import fault_point
@@ -206,6 +207,7 @@ def train(
                 }
                 logger.log(record)
                 result.records.append(record)
+                check_collective_order()  # DIMSHARD_DEBUG_COLLECTIVES=1 only; a no-op otherwise
                 interval_loss.zero_()
                 interval_steps = 0
                 interval_start = time.perf_counter()

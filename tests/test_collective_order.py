@@ -87,3 +87,42 @@ def test_a_missing_collective_is_reported():
         compare_logs([[event], []])
     # Groups that do not hold both ranks of a pair are not compared for that pair.
     compare_logs([[("collective", (0,), "allreduce", ())], [], []])
+
+
+def _trainer_checks_order(config, dataset_path: str) -> list[int]:
+    from test_trainer_toy import SEQ, make_module, toy_plan
+
+    from dimshard.runtime import collective_order, trainer
+    from dimshard.runtime.data import load_token_dataset
+
+    collective_order.enable()
+    checked: list[int] = []
+
+    def counting_check() -> int:
+        checked.append(collective_order.check_collective_order())
+        return checked[-1]
+
+    trainer.check_collective_order = counting_check
+    try:
+        plan = toy_plan(config.plan_ngpus, config.micro_batch_size)
+        ctx, module = make_module(plan)
+        trainer.train(config, module, ctx, load_token_dataset(dataset_path, SEQ), plan)
+        return checked
+    finally:
+        collective_order.disable()
+
+
+@pytest.mark.slow
+def test_trainer_checks_the_order_of_buckets_zero_and_logging_collectives(tmp_path):
+    from test_trainer_toy import save_dataset, token_rows
+
+    from dimshard.runtime.train_config import TrainConfig
+
+    dataset = save_dataset(tmp_path / "data", token_rows())
+    # 2 copies of a 2-rank plan: activation collectives, gradient buckets, ZeRO-1's all-gather.
+    config = TrainConfig(plan_ngpus=2, runtime_ngpus=4, micro_batch_size=1, grad_accumulation_steps=2, max_steps=3,
+                         lr=1e-2, checkpoint_dir="", dump_dir=str(tmp_path / "dump"), peak_tflops=1e-6,
+                         log_interval=1)
+    checked = run_distributed(_trainer_checks_order, 4, config, dataset, timeout_s=120)
+    for per_rank in checked:
+        assert len(per_rank) == 3 and all(n > 0 for n in per_rank), checked
