@@ -347,7 +347,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, sc
     """
     _check_attention_args(query, key, value, window, softcap, document_ids)
     if query.is_meta:
-        return query.new_empty(*query.shape[:3], value.shape[-1])
+        # The tracer reads requires_grad off the result: the cost model prices attention's backward by it.
+        out = query.new_empty(*query.shape[:3], value.shape[-1])
+        return out.requires_grad_(query.requires_grad or key.requires_grad or value.requires_grad)
     gqa = query.shape[1] != key.shape[1]
     if window is not None and window >= max(query.shape[2], key.shape[2]):
         window = None  # the window covers every key: the same function, on the fast path

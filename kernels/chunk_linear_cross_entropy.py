@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dimshard.planner.registry import register_op
+from dimshard.planner.registry import OpCall, register_op
 
 from ._triton_common import use_triton
 
@@ -79,14 +79,23 @@ _FP32_OUT_MATMUL: dict[torch.device, bool] = {}
 
 
 def chunk_linear_cross_entropy_reference(
-    hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, padding_idx: int
+    hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, padding_idx: int,
+    bias: torch.Tensor | None = None, logit_scale: float | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     """Eager reference: full logits in the input dtype, upcast to fp32, ``F.cross_entropy``.
 
-    This is what Hugging Face's causal-LM loss does before its mean. Returns per-token loss
-    [b, l] in fp32, 0 where ``labels == padding_idx``.
+    This is what Hugging Face's causal-LM loss does before its mean, with the final projection's
+    ``bias``, then ``logit_scale`` (a factor: Cohere's ``logit_scale``, Granite's
+    ``1 / logits_scaling``), then ``softcap * tanh(logits / softcap)`` (Gemma 2's
+    ``final_logit_softcapping``). Returns per-token loss [b, l] in fp32, 0 where
+    ``labels == padding_idx``.
     """
-    logits = F.linear(hidden_states, weight).float()
+    logits = F.linear(hidden_states, weight, bias)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.float()
     loss = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=padding_idx, reduction="none"
     )
@@ -251,6 +260,35 @@ def _new_weight_grad(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor |
     return grad, residual
 
 
+def _map_logits_(logits: torch.Tensor, bias: torch.Tensor | None, plan: _Plan) -> torch.Tensor:
+    """In place: the model's logits from one block's product (bias, then scale, then soft-cap)."""
+    if bias is not None:
+        logits.add_(bias.to(logits.dtype))
+    if plan.logit_scale is not None:
+        logits.mul_(plan.logit_scale)
+    if plan.softcap is not None:
+        logits.div_(plan.softcap).tanh_().mul_(plan.softcap)
+    return logits
+
+
+def _logit_map_slope(logits: torch.Tensor, plan: _Plan) -> torch.Tensor | float | None:
+    """d(model logit)/d(product + bias) from the mapped logits z: scale * (1 - (z / softcap)^2); None for 1."""
+    if plan.softcap is None:
+        return plan.logit_scale
+    slope = logits.to(torch.float32, copy=True).div_(plan.softcap).square_().neg_().add_(1.0)
+    return slope.mul_(plan.logit_scale) if plan.logit_scale is not None else slope
+
+
+def _chain_slope_(dlogits: torch.Tensor, slope: torch.Tensor | float | None) -> torch.Tensor:
+    """In place: the gradient of the mapped logits times the map's slope (the product's gradient)."""
+    return dlogits if slope is None else dlogits.mul_(slope)
+
+
+def _add_bias_grad_(grad_bias: torch.Tensor | None, dlogits: torch.Tensor) -> None:
+    if grad_bias is not None:
+        grad_bias.add_(dlogits.float().sum(0))
+
+
 def _loss_tiles(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -258,6 +296,8 @@ def _loss_tiles(
     padding_idx: int,
     token_tile: int,
     vocab_tile: int,
+    bias: torch.Tensor | None,
+    plan: _Plan,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and logsumexp per token (fp32 [tokens]) without gradient work; hidden [tokens, d]."""
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -270,7 +310,7 @@ def _loss_tiles(
         target_logit = torch.zeros(t1 - t0, dtype=torch.float32, device=hidden.device)
         for v0 in range(0, vocab, vocab_tile):
             v1 = min(v0 + vocab_tile, vocab)
-            logits = hidden_tile @ weight[v0:v1].to(hidden.dtype).t()
+            logits = _map_logits_(hidden_tile @ weight[v0:v1].to(hidden.dtype).t(), _rows(bias, v0, v1), plan)
             lse_tile, target_logit = _fold_block(logits, target_tile - v0, lse_tile, target_logit)
             del logits  # free this tile before the next one is allocated
         lse[t0:t1] = lse_tile
@@ -287,12 +327,15 @@ def _loss_and_grads_tiles(
     vocab_tile: int,
     need_hidden: bool,
     need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Precompute path: loss, logsumexp, and both gradients for an incoming gradient of 1 per token.
+    bias: torch.Tensor | None,
+    plan: _Plan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Precompute path: loss, logsumexp, and the gradients for an incoming gradient of 1 per token.
 
     Returns (loss, lse) fp32 [tokens], the hidden-state gradient [tokens, d] in hidden's dtype
-    (None unless ``need_hidden``) and the weight gradient [n, d] in weight's dtype (None unless
-    ``need_weight``). Padding tokens get 0 loss and contribute nothing to either gradient.
+    (None unless ``need_hidden``), the weight gradient [n, d] in weight's dtype (None unless
+    ``need_weight``) and the bias gradient [n] fp32 (None unless ``plan.need_bias``). Padding
+    tokens get 0 loss and contribute nothing to any gradient.
     """
     num_tokens, dim = hidden.shape
     vocab, dtype, device = weight.shape[0], hidden.dtype, hidden.device
@@ -308,6 +351,7 @@ def _loss_and_grads_tiles(
     loss = torch.empty(num_tokens, dtype=torch.float32, device=device)
     grad_hidden = torch.empty((num_tokens, dim), dtype=dtype, device=device) if need_hidden else None
     grad_weight, residual = _new_weight_grad(weight) if need_weight else (None, None)
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=device) if plan.need_bias else None
     # One buffer for every chunk: its logits, then (in place) their gradient.
     buffer = torch.empty((min(chunk, num_tokens), vocab), dtype=dtype, device=device)
     for index, t0 in enumerate(range(0, num_tokens, chunk)):
@@ -322,13 +366,16 @@ def _loss_and_grads_tiles(
             block = logits[:, v0:v1]
             # A column block of the buffer: cuBLAS writes it in place through its row stride.
             torch.mm(hidden_chunk, product_weight[v0:v1].to(dtype).t(), out=block)
+            _map_logits_(block, _rows(bias, v0, v1), plan)
             lse_chunk, target_logit = _fold_block(block, target_chunk - v0, lse_chunk, target_logit)
         lse[t0:t1] = lse_chunk
         loss[t0:t1] = torch.where(valid[t0:t1], lse_chunk - target_logit, 0.0)
         # The softmax needs the whole row's logsumexp, so only now can the gradients start.
         for v0 in range(0, vocab, vocab_tile):
             v1 = min(v0 + vocab_tile, vocab)
-            _softmax_grad_(logits[:, v0:v1], lse_chunk, target_chunk - v0, token_scale[t0:t1])
+            slope = _logit_map_slope(logits[:, v0:v1], plan)  # from the mapped logits, before they are overwritten
+            block = _softmax_grad_(logits[:, v0:v1], lse_chunk, target_chunk - v0, token_scale[t0:t1])
+            _add_bias_grad_(_rows(grad_bias, v0, v1), _chain_slope_(block, slope))
         if need_hidden:
             if same_dtype and fp32_out and dtype in (torch.bfloat16, torch.float16):
                 # fp32 result: cuBLAS may split a K of the whole vocabulary, and its partial sums
@@ -356,7 +403,11 @@ def _loss_and_grads_tiles(
                 else:
                     _add_weight_grad_(grad_weight[v0:v1], None if residual is None else residual[v0:v1],
                                       dlogits_t, hidden_chunk, fp32_out)
-    return loss, lse, grad_hidden, grad_weight
+    return loss, lse, grad_hidden, grad_weight, grad_bias
+
+
+def _rows(bias: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor | None:
+    return None if bias is None else bias[v0:v1]
 
 
 def _recompute_grads(
@@ -369,12 +420,16 @@ def _recompute_grads(
     vocab_tile: int,
     need_hidden: bool,
     need_weight: bool,
+    bias: torch.Tensor | None,
+    plan: _Plan,
     grad_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    grad_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Recompute path: gradients for the incoming gradient ``scale`` (fp32 per token, 0 for padding).
 
-    Returns (grad_hidden [tokens, d] or None, grad_weight [n, d] or None). ``grad_weight``, when
-    given, is a zeroed buffer of the weight's shape and dtype to accumulate into.
+    Returns (grad_hidden [tokens, d] or None, grad_weight [n, d] or None, grad_bias [n] fp32 or
+    None). ``grad_weight``/``grad_bias``, when given, are zeroed buffers to accumulate into; the
+    bias gradient is taken when ``grad_bias`` is given or ``plan.need_bias`` and ``need_weight``.
     """
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
@@ -386,6 +441,8 @@ def _recompute_grads(
             grad_weight, residual = _new_weight_grad(weight)
         elif weight.dtype not in (torch.float32, torch.float64):
             residual = torch.zeros_like(grad_weight)
+    if grad_bias is None and plan.need_bias:
+        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
     for t0 in range(0, num_tokens, token_tile):
         t1 = min(t0 + token_tile, num_tokens)
         hidden_tile = hidden[t0:t1]
@@ -393,18 +450,20 @@ def _recompute_grads(
         for v0 in range(0, vocab, vocab_tile):
             v1 = min(v0 + vocab_tile, vocab)
             weight_tile = weight[v0:v1].to(hidden.dtype)
-            logits = hidden_tile @ weight_tile.t()
-            dlogits = _softmax_grad_(logits, lse[t0:t1], targets[t0:t1] - v0, scale[t0:t1])
+            logits = _map_logits_(hidden_tile @ weight_tile.t(), _rows(bias, v0, v1), plan)
+            slope = _logit_map_slope(logits, plan)
+            dlogits = _chain_slope_(_softmax_grad_(logits, lse[t0:t1], targets[t0:t1] - v0, scale[t0:t1]), slope)
+            _add_bias_grad_(_rows(grad_bias, v0, v1), dlogits)
             if need_hidden:
                 _add_matmul_(acc_hidden, dlogits, weight_tile, fp32_out)
             if need_weight:
                 _add_weight_grad_(grad_weight[v0:v1], None if residual is None else residual[v0:v1],
                                   dlogits.t(), hidden_tile, fp32_out)
-            del logits, dlogits
+            del logits, dlogits, slope
         if need_hidden:
             grad_hidden[t0:t1] = acc_hidden
             del acc_hidden
-    return grad_hidden, grad_weight
+    return grad_hidden, grad_weight, grad_bias
 
 
 def _uniform_value(grad_loss: torch.Tensor, valid: torch.Tensor) -> float | None:
@@ -429,30 +488,34 @@ class _Plan:
     precompute_tiles: tuple[int, int] | None
     need_hidden: bool
     need_weight: bool
+    need_bias: bool = False
+    logit_scale: float | None = None
+    softcap: float | None = None
 
 
 class _ChunkLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, padding_idx: int, plan: _Plan
+        ctx, hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+        padding_idx: int, plan: _Plan,
     ) -> torch.Tensor:
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
         targets = labels.reshape(-1).long()
         grads: tuple[torch.Tensor | None, ...] = ()
         with _autocast_off(hidden.device):
             if plan.precompute_tiles is not None:
-                loss, lse, grad_hidden, grad_weight = _loss_and_grads_tiles(
+                loss, lse, grad_hidden, grad_weight, grad_bias = _loss_and_grads_tiles(
                     hidden, weight, targets, padding_idx, *plan.precompute_tiles, plan.need_hidden,
-                    plan.need_weight,
+                    plan.need_weight, bias, plan,
                 )
-                grads = (grad_hidden, grad_weight)
+                grads = (grad_hidden, grad_weight, grad_bias)
             else:
-                loss, lse = _loss_tiles(hidden, weight, targets, padding_idx, *plan.recompute_tiles)
+                loss, lse = _loss_tiles(hidden, weight, targets, padding_idx, *plan.recompute_tiles, bias, plan)
         # The precomputed gradients go through save_for_backward, not ctx attributes, so that
         # saved-tensor hooks govern them like any activation: under non-reentrant activation
         # checkpointing they are dropped after the first forward and the recomputed forward's
         # are the ones the backward receives.
-        ctx.save_for_backward(hidden_states, weight, labels, lse, *grads)
+        ctx.save_for_backward(hidden_states, weight, labels, bias, lse, *grads)
         ctx.padding_idx = padding_idx
         ctx.plan = plan
         ctx.precomputed_used = False
@@ -461,7 +524,7 @@ class _ChunkLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden_states, weight, labels, lse, *precomputed = ctx.saved_tensors
+        hidden_states, weight, labels, bias, lse, *precomputed = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         plan: _Plan = ctx.plan
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
@@ -469,36 +532,47 @@ class _ChunkLinearCrossEntropy(torch.autograd.Function):
         valid = targets != ctx.padding_idx
         # Padding tokens get no gradient whatever the incoming gradient says.
         scale = torch.where(valid, grad_loss.reshape(-1).float(), 0.0)
-        grad_hidden = grad_weight = None
+        grad_hidden = grad_weight = grad_bias = None
         with _autocast_off(hidden.device):
             if precomputed and not ctx.precomputed_used:
                 # The saved buffers are scaled in place and handed out as the gradients (no
                 # second gradient-sized buffer). A later backward through a retained graph
                 # must not see them again: it takes the recompute path.
                 ctx.precomputed_used = True
-                grad_hidden, grad_weight = precomputed
-                # Only the weight needs to know (a hidden-state gradient is always scaled per token).
-                uniform = _uniform_value(grad_loss, valid) if need_weight else None
+                grad_hidden, grad_weight, grad_bias = precomputed
+                # Only the weight and bias need to know (a hidden-state gradient is always scaled per token).
+                uniform = _uniform_value(grad_loss, valid) if need_weight or plan.need_bias else None
                 # In place through .data: the saved tensors' version counters stay as saved,
                 # so a retained graph can still unpack them for the recompute path.
                 if need_hidden and uniform != 1.0:
                     grad_hidden.data.mul_(scale[:, None])  # per token: exact for any incoming gradient
-                if need_weight and uniform is None:
-                    # A weight gradient summed over tokens cannot be rescaled per token: recompute it.
-                    grad_weight.data.zero_()
-                    _recompute_grads(hidden, weight, targets, lse, scale, *plan.recompute_tiles, False, True,
-                                     grad_weight=grad_weight.data)
-                elif need_weight and uniform != 1.0:
-                    grad_weight.data.mul_(uniform)
+                if (need_weight or plan.need_bias) and uniform is None:
+                    # Gradients summed over tokens cannot be rescaled per token: recompute them.
+                    for grad in (grad_weight, grad_bias):
+                        if grad is not None:
+                            grad.data.zero_()
+                    _recompute_grads(hidden, weight, targets, lse, scale, *plan.recompute_tiles, False, need_weight,
+                                     bias, plan, grad_weight=None if grad_weight is None else grad_weight.data,
+                                     grad_bias=None if grad_bias is None else grad_bias.data)
+                elif uniform is not None and uniform != 1.0:
+                    for grad in (grad_weight, grad_bias):
+                        if grad is not None:
+                            grad.data.mul_(uniform)
             else:
-                grad_hidden, grad_weight = _recompute_grads(
-                    hidden, weight, targets, lse, scale, *plan.recompute_tiles, need_hidden, need_weight
+                grad_hidden, grad_weight, grad_bias = _recompute_grads(
+                    hidden, weight, targets, lse, scale, *plan.recompute_tiles, need_hidden, need_weight, bias, plan
                 )
         grad_hidden_states = grad_hidden.view(hidden_states.shape) if need_hidden else None
-        return grad_hidden_states, grad_weight if need_weight else None, None, None, None
+        grad_bias = grad_bias.to(bias.dtype) if plan.need_bias and grad_bias is not None else None
+        return grad_hidden_states, grad_weight if need_weight else None, None, grad_bias, None, None
 
 
-@register_op("b l d^, n^ d^, b l -> b l", cost="linear_cross_entropy", role="token_loss")
+def linear_cross_entropy_dim_rule(call: OpCall) -> str:
+    """``b l d^, n^ d^, b l -> b l``, and ``n^`` for the bias when there is one (the vocabulary stays whole)."""
+    return "b l d^, n^ d^, b l" + (", n^" if len(call.inputs) > 3 else "") + " -> b l"
+
+
+@register_op(linear_cross_entropy_dim_rule, cost="linear_cross_entropy", role="token_loss")
 def chunk_linear_cross_entropy(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -507,8 +581,18 @@ def chunk_linear_cross_entropy(
     chunk_size: int | None = None,
     vocab_splits: int | None = None,
     precompute_grad: bool | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy of ``hidden_states @ weight.T`` against ``labels``, in fp32.
+
+    The logits may be those of a final projection with more than a weight, all applied inside
+    each tile (never to full logits): ``bias`` [n] is added, then the logits are multiplied by
+    ``logit_scale``, then soft-capped to ``softcap * tanh(logits / softcap)``, in that order (as
+    ``chunk_linear_cross_entropy_reference``); the bias gets a gradient (in its dtype) when it
+    requires one.
 
     hidden_states [b, l, d] (any leading dims), weight [n, d], labels [b, l] integer with values
     in [0, n) or equal to ``padding_idx``; hidden_states sets the compute dtype (fp32, bf16 or
@@ -553,6 +637,10 @@ def chunk_linear_cross_entropy(
         raise ValueError(
             f"weight must be [vocab, {hidden_states.shape[-1]}] to match hidden_states, got {tuple(weight.shape)}"
         )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [vocab] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
     num_tokens, vocab = labels.numel(), weight.shape[0]
     recompute_chunk = _RECOMPUTE_CHUNK if chunk_size is None else chunk_size
     recompute_tiles = tile_sizes(num_tokens, vocab, recompute_chunk, vocab_splits)
@@ -564,5 +652,10 @@ def chunk_linear_cross_entropy(
         precompute_tiles = precompute_tile_sizes(
             num_tokens, vocab, hidden_states.element_size(), chunk_size, vocab_splits
         )
-    plan = _Plan(recompute_tiles, precompute_tiles, need_hidden, need_weight)
-    return _ChunkLinearCrossEntropy.apply(hidden_states, weight, labels, padding_idx, plan)
+    need_bias = grad_on and bias is not None and bias.requires_grad
+    if need_bias and precompute_tiles is None and hidden_states.device.type != "meta" and precompute_grad is not False:
+        precompute_tiles = precompute_tile_sizes(num_tokens, vocab, hidden_states.element_size(), chunk_size,
+                                                 vocab_splits)
+    plan = _Plan(recompute_tiles, precompute_tiles, need_hidden, need_weight, need_bias,
+                 None if logit_scale is None else float(logit_scale), None if softcap is None else float(softcap))
+    return _ChunkLinearCrossEntropy.apply(hidden_states, weight, labels, bias, padding_idx, plan)

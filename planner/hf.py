@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,53 @@ def load_config(model_id: str) -> Any:
     from transformers import AutoConfig
 
     path = Path(model_id)
-    if path.is_file() and path.suffix == ".json":
-        config_dict, _ = AutoConfig.get_config_dict(str(path))
-        return AutoConfig.for_model(**config_dict)
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model_id} has no config.json: point --model_id at a Hugging Face model folder")
-    return AutoConfig.from_pretrained(model_id)
+    try:
+        if path.is_file() and path.suffix == ".json":
+            config_dict, _ = AutoConfig.get_config_dict(str(path))
+            return AutoConfig.for_model(**config_dict)
+        return AutoConfig.from_pretrained(model_id)
+    except Exception as error:  # invalid JSON, unknown model_type, inconsistent sizes (transformers' own types)
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(f"cannot load the model config of {model_id} ({type(error).__name__}: {reason}); the "
+                         "config.json is partial, corrupt or not a model config: restore it, or point --model_id "
+                         "at a complete Hugging Face model folder") from None
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is one dimshard cannot partition yet; the message says why and what to do."""
+
+
+# Config fields that give a mixture-of-experts model its number of (routed) experts.
+_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
+                  "n_experts", "ffn_num_experts")
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why dimshard cannot compile a model of ``config`` yet (mixture of experts), or None."""
+    from transformers import PretrainedConfig
+
+    # Sub-configs too: a text_config, DBRX's ffn_config.
+    configs = [config] + [v for v in vars(config).values() if isinstance(v, PretrainedConfig)]
+    for c in configs:
+        signs = [f"{name}={getattr(c, name)}" for name in _EXPERT_FIELDS
+                 if isinstance(getattr(c, name, None), int) and getattr(c, name) > 1]
+        if getattr(c, "moe_intermediate_size", None):
+            signs.append(f"moe_intermediate_size={c.moe_intermediate_size}")
+        if "moe" in str(getattr(config, "model_type", "")):
+            signs.append(f"model_type {config.model_type}")
+        if signs:
+            return (f"{config.model_type} is a mixture-of-experts model ({signs[0]}); dimshard partitions dense "
+                    "decoders only for now: pick a dense family (docs/models.md lists them)")
+    return None
+
+
+def check_supported(config: Any) -> None:
+    """Raise UnsupportedModelError (one line: what and what to do) for an architecture dimshard cannot compile."""
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
 
 
 def build_on_meta(config: Any) -> torch.nn.Module:
@@ -30,16 +72,60 @@ def build_on_meta(config: Any) -> torch.nn.Module:
     Buffers end up on meta too; the compile stage rebuilds the ones it needs (rotary tables)
     from the config. Attention is dimshard's (``attn_implementation="dimshard"``, see
     ``kernels/hf_attention.py``): one traced op per layer that takes sliding windows, logit
-    soft-capping and document ids, and no mask tensor.
+    soft-capping and document ids, and no mask tensor. Raises UnsupportedModelError for a
+    mixture-of-experts config.
     """
     from transformers import AutoModelForCausalLM
 
     from dimshard.kernels.hf_attention import register
 
+    check_supported(config)
     name = register()
     config._attn_implementation = name
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, attn_implementation=name)
+
+
+@dataclass
+class OutputHead:
+    """What a causal LM's final projection computes: ``softcap(logit_scale * (h @ weight.T + bias))``.
+
+    ``weight`` is the output embedding (the input embedding when tied); None fields are absent.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float | None = None
+    softcap: float | None = None
+
+
+# Families whose causal-LM head scales the logits by a config number: model_type -> (field, divides).
+_LOGIT_SCALES = {
+    "cohere": ("logit_scale", False), "cohere2": ("logit_scale", False), "granite": ("logits_scaling", True),
+    "granite_swa": ("logits_scaling", True), "hyperclovax": ("logits_scaling", False),
+    # MiniCPM3 divides the hidden states; its head has no bias, so that is the logits divided.
+    "minicpm3": ("logits_scaling", True),
+}
+
+
+def output_head(model: torch.nn.Module) -> OutputHead:
+    """The final projection of ``model`` as the chunked loss takes it: weight, bias, logit scale, soft-cap.
+
+    Reads the output embedding module (its weight and bias), the family's logit scaling
+    (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, ...) and
+    ``final_logit_softcapping`` (Gemma 2 and later) from the model's config.
+    """
+    head = model.get_output_embeddings()
+    config = model.config
+    scale = None
+    field_name, divides = _LOGIT_SCALES.get(getattr(config, "model_type", ""), (None, False))
+    if field_name is not None and getattr(config, field_name, None) is not None:
+        value = float(getattr(config, field_name))
+        scale = 1.0 / value if divides else value
+    softcap = getattr(config, "final_logit_softcapping", None)
+    bias = getattr(head, "bias", None)
+    return OutputHead(head.weight, bias if isinstance(bias, torch.Tensor) else None, scale,
+                      None if softcap is None else float(softcap))
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -67,8 +153,9 @@ def chunked_causal_lm_forward(chunk_size: int | None = None) -> Callable[..., to
                   if value is not None}
         hidden = model.get_decoder()(input_ids=input_ids, use_cache=False, **packed).last_hidden_state
         targets = shift_labels(labels)
-        per_token = chunk_linear_cross_entropy(hidden, model.get_output_embeddings().weight, targets,
-                                               IGNORE_INDEX, chunk_size)
+        head = output_head(model)
+        per_token = chunk_linear_cross_entropy(hidden, head.weight, targets, IGNORE_INDEX, chunk_size, bias=head.bias,
+                                               logit_scale=head.logit_scale, softcap=head.softcap)
         return per_token.sum() / targets.ne(IGNORE_INDEX).sum()
 
     return forward

@@ -301,7 +301,7 @@ def test_saved_gradients_are_handed_out_without_a_copy(monkeypatch):
 
     def recording(*args, **kwargs):
         result = original(*args, **kwargs)
-        addresses.extend(t.data_ptr() for t in result[2:])
+        addresses.extend(t.data_ptr() for t in result[2:4])  # hidden and weight (no bias here)
         return result
 
     monkeypatch.setattr(ce_module, "_loss_and_grads_tiles", recording)
@@ -399,3 +399,38 @@ def test_triton_path_matches_reference(monkeypatch, dtype, grad_kind, precompute
                            precompute_grad=precompute_grad)
     for out, ref in zip(ours, _reference(hidden, weight, labels, grad)):
         assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+# The final projections of other families: output bias (Phi, GPT-J), logit scale (Cohere, Granite),
+# final-logit soft-cap (Gemma 2), applied inside each tile.
+@pytest.mark.parametrize("bias, logit_scale, softcap", [(True, None, None), (False, 0.25, None), (False, None, 2.0),
+                                                        (True, 1.5, 3.0)])
+@pytest.mark.parametrize("precompute", [True, False])
+@pytest.mark.parametrize("grad_out", ["random", "mean"])
+def test_head_features_match_reference(bias, logit_scale, softcap, precompute, grad_out):
+    hidden, weight, labels, random_grad = _inputs(2, 9, 16, 30, torch.float32, "cpu", seed=11)
+    grad_out = random_grad if grad_out == "random" else grad_out
+    b = torch.randn(30, generator=torch.Generator().manual_seed(3)) if bias else None
+    features = {"logit_scale": logit_scale, "softcap": softcap}
+
+    def run(fn, dtype, **kwargs):
+        h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+        bb = None if b is None else b.to(dtype).requires_grad_()
+        loss = fn(h, w, labels, PAD, bias=bb, **features, **kwargs)
+        inputs = (h, w) + ((bb,) if bb is not None else ())
+        g = grad_out if isinstance(grad_out, str) else grad_out.to(dtype)
+        return (loss, *_backward(loss, inputs, labels, g))
+
+    ours = run(chunk_linear_cross_entropy, torch.float32, chunk_size=4, vocab_splits=3, precompute_grad=precompute)
+    ref = run(chunk_linear_cross_entropy_reference, torch.float64)
+    assert len(ours) == (4 if bias else 3)
+    for out, expected in zip(ours, ref):
+        assert _relative_error(out, expected) < TOLERANCE[torch.float32]
+
+
+def test_head_features_are_checked():
+    hidden, weight, labels, _ = _inputs(1, 4, 8, 12, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="bias must be"):
+        chunk_linear_cross_entropy(hidden, weight, labels, PAD, bias=torch.zeros(11))
+    with pytest.raises(ValueError, match="softcap must be positive"):
+        chunk_linear_cross_entropy(hidden, weight, labels, PAD, softcap=0.0)
