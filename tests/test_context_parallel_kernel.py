@@ -229,7 +229,7 @@ _gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _max_error(ours, ref):
-    return max(float((a.float() - b.float()).abs().max()) for a, b in zip(ours, ref))
+    return max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(ours, ref))
 
 
 @_gpu
