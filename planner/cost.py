@@ -95,6 +95,7 @@ class Estimate:
     collectives: list[CollectiveRecord]
     dp_size: int
     hw_name: str
+    host_bytes: float = 0.0  # per rank, offloaded state in host memory (planner/offload_cost.py)
 
     @property
     def forward_backward_s(self) -> float:

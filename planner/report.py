@@ -107,7 +107,8 @@ def model_mfu(graph: Graph, est: Estimate, plan_ngpus: int, peak_tflops: float =
 
 
 def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: HardwareProfile,
-                budget_gb: float | None = None, candidates: list | None = None, search_note: str = "") -> str:
+                budget_gb: float | None = None, candidates: list | None = None, search_note: str = "",
+                offload_extra: dict | None = None) -> str:
     """The markdown report of a resolved plan with its estimate; ``candidates`` (auto's) add a runner-up table."""
     plan = resolved.plan
     mesh = plan.mesh
@@ -140,6 +141,10 @@ def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwar
     budget = f", budget {budget_gb:.1f} GB" if budget_gb is not None else ""
     lines += [f"| **peak** ({est.peak_phase}) | **{_size(est.peak_bytes)}**{budget} |", ""]
     lines += [f"Recompute: {_compress_scopes(list(plan.recompute_scopes), layer_scopes)}.", ""]
+    if plan.offload_optimizer or plan.offload_scopes or est.host_bytes:
+        from .offload_report import report_lines as offload_lines
+
+        lines += offload_lines(graph, resolved, est, hw, offload_extra, est.dp_size)
 
     root = layer_scopes[0] if layer_scopes else None
     if root is not None:
@@ -219,10 +224,13 @@ def write_plan_report(graph: Graph, resolved: ResolvedPlan, ctx: PolicyContext, 
         note = (f"Searched in {result.seconds:.1f} s ({result.solves} exact solves"
                 + (f"; one plan for all {result.layers_planned_once} identical layers" if result.layers_planned_once
                    else "") + ").")
-        text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, result.candidates, note)
+        text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, result.candidates, note, extra)
     else:
         hw = load_hw_profile(extra.get("hw_profile"))
         est = estimate(graph, resolved, hw, int(extra.get("dp_size", 1)), bool(extra.get("zero", True)))
-        text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb)
+        from .offload_report import estimate_with_offload
+
+        est = estimate_with_offload(graph, resolved, est, hw, int(extra.get("dp_size", 1)), bool(extra.get("zero", True)))
+        text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, offload_extra=extra)
     Path(path).write_text(text)
     return text

@@ -55,6 +55,8 @@ from .cost import analyze as analyze_plan
 from .graph import Graph, Op
 from .hardware import HardwareProfile, load_hw_profile
 from .layers import layer_structure, mlp_scopes
+from .offload_plan import with_offload_of
+from .offload_search import no_fit_message, offload_candidates
 from .placement_problem import PlacementProblem, Weights
 from .plan import Mesh, Plan, PlanError, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, recompute_scopes, register_policy
@@ -221,22 +223,20 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
         problem = PlacementProblem(graph, structure, Mesh(tuple(f"axis{i}" for i in range(len(shape))), shape), hw,
                            dp_size, zero)
         solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated)
+    for c in offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate):
+        evaluated.setdefault((*_signature(c.plan), c.plan.offload_optimizer, tuple(c.plan.offload_scopes)), c)
     ranked = sorted(evaluated.values(),
                     key=lambda c: (not c.feasible, c.estimate.step_s if c.feasible else c.estimate.peak_bytes))
     if not ranked[0].feasible:
-        smallest = min(c.estimate.peak_bytes for c in ranked)
         hint = "" if ctx.recompute == "auto" else ", or enable recompute (recompute=auto)"
-        raise PlanError(
-            f"smallest plan found needs {smallest / GB:.3g} GB per GPU, budget is {ctx.memory_budget_gb:.3g} GB: "
-            f"add GPUs (plan_ngpus), shorten sequence_length{hint}"
-        )
+        raise PlanError(no_fit_message(ranked, budget, extra, hw, hint))
     distinct: dict[tuple, Candidate] = {}
     for c in ranked:
         if c.feasible or budget is None:
             distinct.setdefault((c.plan.mesh.shape, tuple(sorted(c.plan.splits.items()))), c)
     top = list(distinct.values())[:RUNNER_UPS + 1]
     for c in top:
-        c.plan = name_axes(graph, c.plan)
+        c.plan = with_offload_of(name_axes(graph, c.plan), c.plan)
     return SearchResult(top[0], top, budget, hw, time.perf_counter() - start, solves, n_layers)
 
 
