@@ -13,6 +13,11 @@ from torch.distributed import ProcessGroup
 
 __all__ = ["Pending", "ring_pass", "start_all_gather", "start_reduce_scatter"]
 
+# torch renamed the single-tensor collectives (all_gather_into_tensor -> all_gather_single); the
+# old names still work on the torch versions we support but warn on the newer ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class Pending:
     """A started transfer; `wait()` returns its result tensor once the transfer is complete."""
@@ -45,8 +50,14 @@ def ring_pass(tensor: torch.Tensor, group: ProcessGroup | None) -> Pending:
     return Pending(dist.batch_isend_irecv(ops), received, sent=tensor)
 
 
+# gloo's single-tensor all-gather and reduce-scatter vary across torch releases, so CPU tensors
+# take list all-gather and all-reduce. Tests set this to False to run the NCCL code path on gloo
+# (which has the single-tensor calls on the torch versions we test).
+_GLOO_FALLBACKS = True
+
+
 def _uses_gloo(tensor: torch.Tensor, group: ProcessGroup | None) -> bool:
-    return tensor.device.type == "cpu" or dist.get_backend(group) == "gloo"
+    return _GLOO_FALLBACKS and (tensor.device.type == "cpu" or dist.get_backend(group) == "gloo")
 
 
 def start_all_gather(tensor: torch.Tensor, group: ProcessGroup | None) -> Pending:
@@ -55,10 +66,10 @@ def start_all_gather(tensor: torch.Tensor, group: ProcessGroup | None) -> Pendin
     tensor = tensor.contiguous()
     gathered = torch.empty((size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
     if _uses_gloo(tensor, group):
-        # gloo's single-tensor all-gather is missing on some torch releases; the list form is not.
         work = dist.all_gather(list(gathered.unbind(0)), tensor, group=group, async_op=True)
     else:
-        work = dist.all_gather_into_tensor(gathered, tensor, group=group, async_op=True)
+        # The concatenated output form (not the stacked one): the form every backend takes.
+        work = _all_gather_single(gathered.flatten(0, 1), tensor, group=group, async_op=True)
     return Pending([work], gathered)
 
 
@@ -67,10 +78,9 @@ def start_reduce_scatter(stacked: torch.Tensor, group: ProcessGroup | None) -> P
     rank = dist.get_rank(group)
     stacked = stacked.contiguous()
     if _uses_gloo(stacked, group):
-        # gloo lacks reduce_scatter on some torch releases: all-reduce and keep this rank's slice
-        # (CPU tests only, where the extra traffic does not matter).
+        # All-reduce and keep this rank's slice (CPU only, where the extra traffic does not matter).
         work = dist.all_reduce(stacked, group=group, async_op=True)
         return Pending([work], stacked[rank])
     mine = torch.empty(stacked.shape[1:], dtype=stacked.dtype, device=stacked.device)
-    work = dist.reduce_scatter_tensor(mine, stacked, group=group, async_op=True)
+    work = _reduce_scatter_single(mine, stacked.flatten(0, 1), group=group, async_op=True)
     return Pending([work], mine)

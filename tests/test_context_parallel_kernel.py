@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_distributed
 
+from dimshard.kernels import _cp_comm
 from dimshard.kernels._cp_blocks import (
     block_backward,
     block_forward,
@@ -63,7 +64,9 @@ def _full_attention(q, k, v, grad, scale):
     return (out.detach(), lse, *grads)
 
 
-def _split_attention_on_rank(cases, scale):
+def _split_attention_on_rank(cases, scale, gloo_fallbacks=True):
+    # False: the collectives take their NCCL code path (single-tensor all-gather, reduce-scatter).
+    _cp_comm._GLOO_FALLBACKS = gloo_fallbacks
     world_size, rank = dist.get_world_size(), dist.get_rank()
     results = []
     for (batch, q_heads, kv_heads, local_len, head_dim), method, dtype in cases:
@@ -85,18 +88,19 @@ def _natural_order(per_rank, world_size):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_split_attention_equals_full_causal_attention(world_size):
+@pytest.mark.parametrize("world_size, gloo_fallbacks", [(2, True), (4, True), (2, False)])
+def test_split_attention_equals_full_causal_attention(world_size, gloo_fallbacks):
     scale = 0.3
-    per_rank = run_distributed(_split_attention_on_rank, world_size, _CASES, scale, timeout_s=120)
-    for index, ((batch, q_heads, kv_heads, local_len, head_dim), _method, dtype) in enumerate(_CASES):
+    cases = _CASES if gloo_fallbacks else [c for c in _CASES if c[1] == "allgather"]
+    per_rank = run_distributed(_split_attention_on_rank, world_size, cases, scale, gloo_fallbacks, timeout_s=120)
+    for index, ((batch, q_heads, kv_heads, local_len, head_dim), _method, dtype) in enumerate(cases):
         reference = _full_attention(*_inputs(batch, q_heads, kv_heads, local_len * world_size, head_dim, dtype), scale)
         for field, name in enumerate(("out", "lse", "dq", "dk", "dv")):
             ours = _natural_order([rank_results[index][field] for rank_results in per_rank], world_size)
             assert ours.dtype == dtype, (name, ours.dtype)
             torch.testing.assert_close(
                 ours, reference[field].to(dtype),
-                msg=lambda m, name=name, index=index: f"{name} of case {_CASES[index]}: {m}",
+                msg=lambda m, name=name, index=index: f"{name} of case {cases[index]}: {m}",
             )
 
 
