@@ -61,9 +61,15 @@ __all__ = [
 ]
 
 METHODS = ("ring", "allgather")
+Tensor = torch.Tensor
+# What the backward reads of the forward, per rank: (q, out, lse, dout) in the fused kernels' layout.
+Saved = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-def _ring_forward(blocks: BlockRunner, q, kv, out, lse, group, rank, size) -> None:
+def _ring_forward(
+    blocks: BlockRunner, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, group: ProcessGroup | None, rank: int,
+    size: int,
+) -> None:
     current = kv
     for step, block in enumerate(rank_blocks(rank, size, q.shape[2])):
         incoming = ring_pass(current, group) if step < size - 1 else None
@@ -72,7 +78,9 @@ def _ring_forward(blocks: BlockRunner, q, kv, out, lse, group, rank, size) -> No
             current = incoming.wait()
 
 
-def _ring_backward(blocks: BlockRunner, saved, kv, dq, group, rank, size) -> torch.Tensor:
+def _ring_backward(
+    blocks: BlockRunner, saved: Saved, kv: Tensor, dq: Tensor, group: ProcessGroup | None, rank: int, size: int
+) -> Tensor:
     current, dkv_incoming = kv, None
     for step, block in enumerate(rank_blocks(rank, size, dq.shape[2])):
         kv_incoming = ring_pass(current, group) if step < size - 1 else None
@@ -87,7 +95,10 @@ def _ring_backward(blocks: BlockRunner, saved, kv, dq, group, rank, size) -> tor
     return dkv if dkv_incoming is None else dkv_incoming.wait()
 
 
-def _gather_forward(blocks: BlockRunner, q, kv, out, lse, group, rank, size) -> None:
+def _gather_forward(
+    blocks: BlockRunner, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, group: ProcessGroup | None, rank: int,
+    size: int,
+) -> None:
     own, *others = gathered_blocks(rank, size, q.shape[2])
     gathering = start_all_gather(kv, group) if size > 1 else None
     blocks.forward(own, q, kv, out, lse)
@@ -98,7 +109,9 @@ def _gather_forward(blocks: BlockRunner, q, kv, out, lse, group, rank, size) -> 
         blocks.forward(block, q, natural, out, lse)
 
 
-def _gather_backward(blocks: BlockRunner, saved, kv, dq, group, rank, size) -> torch.Tensor:
+def _gather_backward(
+    blocks: BlockRunner, saved: Saved, kv: Tensor, dq: Tensor, group: ProcessGroup | None, rank: int, size: int
+) -> Tensor:
     own, *others = gathered_blocks(rank, size, dq.shape[2])
     gathering = start_all_gather(kv, group) if size > 1 else None
     dkv_own = torch.zeros_like(kv, dtype=dq.dtype)
@@ -142,7 +155,9 @@ class _SequenceSplitAttention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: torch.Tensor | None, grad_lse: torch.Tensor | None):
+    def backward(
+        ctx: FunctionCtx, grad_out: Tensor | None, grad_lse: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
         q, kv, out, lse = ctx.saved_tensors
         scale, group, method, backend, rank, size, key_dtype, value_dtype = ctx.setup
         if grad_out is None:  # only the (non-differentiable) lse was used
