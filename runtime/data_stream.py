@@ -36,6 +36,7 @@ from .data_spec import DataSpec, DataSpecError, load_tokenizer, open_source
 
 MIX_BLOCK = 4096  # mixture draws made per generator
 TOKENIZE_BATCH = 64  # documents per tokenizer call
+READ_BLOCK = 256  # rows of a non-streaming source read at once
 IGNORE_INDEX = -100
 
 
@@ -74,6 +75,8 @@ class DocumentReader:
         self.dataset = dataset
         self._iterator: Iterator[Any] | None = None
         self._rows: np.ndarray | None = None
+        self._block_index: tuple[int, int] | None = None  # (epoch, block) of the texts in _block
+        self._block: list[Any] = []
 
     def state(self) -> dict[str, int]:
         """Where the next text comes from."""
@@ -97,7 +100,13 @@ class DocumentReader:
             rows = self._epoch_rows()
             if self.position >= len(rows):
                 return None
-            return self.dataset[int(rows[self.position])]
+            block, within = divmod(self.position, READ_BLOCK)
+            if self._block_index != (self.epoch, block):
+                # One Arrow take per block of rows: row-by-row reads cost more than tokenizing them.
+                indices = rows[block * READ_BLOCK:(block + 1) * READ_BLOCK].tolist()
+                self._block = self.dataset[indices][self.text_column]
+                self._block_index = (self.epoch, block)
+            return {self.text_column: self._block[within]}
         if self._iterator is None:
             self.dataset.set_epoch(self.epoch)
             self._iterator = itertools.islice(iter(self.dataset), self.position, None)
