@@ -104,3 +104,13 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def assert_matches_reference(results: list[dict], ref: dict, tol: float) -> None:
+    """Every rank's loss, and the assembled gradients and updated parameters, equal the reference within ``tol``."""
+    for r in results:
+        assert abs(r["loss"] - ref["loss"]) <= tol, (r["loss"], ref["loss"])
+    worst, where = max_diff(assemble(results, "grads", ref["grads"]), ref["grads"])
+    assert worst <= tol, f"gradient of {where} differs by {worst}"
+    worst, where = max_diff(assemble(results, "params", ref["params"]), ref["params"])
+    assert worst <= tol, f"updated {where} differs by {worst}"

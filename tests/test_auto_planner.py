@@ -14,7 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import run_distributed
-from parallel_harness import assemble, max_diff, mini_llama_config, rank_step, reference_step, save_weights
+from parallel_harness import (
+    assert_matches_reference,
+    mini_llama_config,
+    rank_step,
+    reference_step,
+    save_weights,
+)
 
 from dimshard.planner import CompileConfig, compile_model, register_op, trace
 from dimshard.planner.cost import GB
@@ -95,12 +101,7 @@ def test_auto_plan_matches_single_process(tmp_path, mini_graph, plan_ngpus, reco
     ref = reference_step(copy.deepcopy(model), input_ids, "adamw", 1e-3)
     results = run_distributed(rank_step, plan_ngpus, str(tmp_path / "out"), str(tmp_path / "weights.safetensors"),
                               input_ids, "adamw", 1e-3)
-    for r in results:
-        assert abs(r["loss"] - ref["loss"]) <= TOL, (r["loss"], ref["loss"])
-    worst, where = max_diff(assemble(results, "grads", ref["grads"]), ref["grads"])
-    assert worst <= TOL, f"gradient of {where} differs by {worst}"
-    worst, where = max_diff(assemble(results, "params", ref["params"]), ref["params"])
-    assert worst <= TOL, f"updated {where} differs by {worst}"
+    assert_matches_reference(results, ref, TOL)
 
 
 def test_tiny_budget_recomputes_or_splits_more(mini_graph):

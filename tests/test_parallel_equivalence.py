@@ -14,7 +14,13 @@ import copy
 import pytest
 import torch
 from dist_utils import run_distributed
-from parallel_harness import assemble, max_diff, mini_llama_config, rank_step, reference_step, save_weights
+from parallel_harness import (
+    assert_matches_reference,
+    mini_llama_config,
+    rank_step,
+    reference_step,
+    save_weights,
+)
 
 from dimshard.planner import CompileConfig, compile_model
 
@@ -59,11 +65,4 @@ def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, re
     ref = reference_step(copy.deepcopy(model), input_ids, optimizer, lr)
     results = run_distributed(rank_step, world, str(tmp_path / "out"), str(tmp_path / "weights.safetensors"),
                               input_ids, optimizer, lr)
-    for r in results:
-        assert abs(r["loss"] - ref["loss"]) <= TOL, (r["loss"], ref["loss"])
-    grads = assemble(results, "grads", ref["grads"])
-    worst, where = max_diff(grads, ref["grads"])
-    assert worst <= TOL, f"gradient of {where} differs by {worst}"
-    params = assemble(results, "params", ref["params"])
-    worst, where = max_diff(params, ref["params"])
-    assert worst <= TOL, f"updated {where} differs by {worst}"
+    assert_matches_reference(results, ref, TOL)
