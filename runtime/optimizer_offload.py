@@ -172,6 +172,7 @@ class HostAdamState:
         compute = torch.cuda.current_stream(self.device) if self._on_cuda else None
         if down is not None:
             down.wait_stream(compute)  # the gradients were clipped on the compute stream
+            up.wait_stream(compute)  # and nothing there still reads the parameters
         fetched: list = [None] * len(chunks)
         sent: list = [None, None]
 

@@ -10,9 +10,12 @@ tensors, so the same code runs on a CPU-only machine.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
+
+_PAGE = 4096
 
 
 def cuda_pinning_available() -> bool:
@@ -27,26 +30,40 @@ def _unregister(pointer: int) -> None:
         pass
 
 
+def page_aligned(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whole pages as uint8, the first ``numel`` elements of ``dtype`` in them): a fresh allocation."""
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    locked = -(-nbytes // _PAGE) * _PAGE
+    raw = torch.empty(locked + _PAGE, dtype=torch.uint8)
+    offset = (-raw.data_ptr()) % _PAGE
+    region = raw[offset:offset + locked]
+    return region, region[:nbytes].view(dtype)
+
+
 def pinned_empty(numel: int, dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
     """A 1-D host tensor of exactly ``numel`` elements, page-locked when CUDA is available.
 
     ``zero`` fills it with zeros (the fill also commits the pages before they are locked). The
-    registration is released when the tensor is garbage-collected.
+    locked range is whole pages inside this tensor's own allocation, so two buffers never share a
+    locked page. When the driver refuses to lock it the buffer stays pageable (copies are then
+    synchronous, not wrong) and a warning says so. The registration is released when the tensor is
+    garbage-collected.
     """
-    buffer = torch.empty(numel, dtype=dtype)
-    if zero or cuda_pinning_available():
-        buffer.zero_()  # touches every page, with torch's intra-op threads
-    if cuda_pinning_available() and numel > 0:
-        nbytes = numel * buffer.element_size()
-        # cudaHostRegisterDefault = 0; portable pinned memory on every context.
-        status = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
-        code = int(getattr(status, "value", status))
-        if code != 0:
-            raise RuntimeError(
-                f"cudaHostRegister of {nbytes / 2**30:.2f} GiB of host memory failed (CUDA error {code}): the host "
-                "cannot lock that much memory; lower --host_memory_budget_gb or offload less"
-            )
-        weakref.finalize(buffer, _unregister, buffer.data_ptr())
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * itemsize
+    if not cuda_pinning_available() or nbytes == 0:
+        buffer = torch.empty(numel, dtype=dtype)
+        return buffer.zero_() if zero else buffer
+    region, buffer = page_aligned(numel, dtype)
+    locked = region.numel()
+    region.zero_()  # touches every page, with torch's intra-op threads (host RAM may grow as it is used)
+    status = torch.cuda.cudart().cudaHostRegister(region.data_ptr(), locked, 0)  # cudaHostRegisterDefault
+    code = int(getattr(status, "value", status))
+    if code != 0:
+        warnings.warn(f"cudaHostRegister of {locked / 2**30:.2f} GiB failed (CUDA error {code}); this host buffer "
+                      "stays pageable and its copies synchronous", stacklevel=2)
+        return buffer
+    weakref.finalize(buffer, _unregister, region.data_ptr())
     return buffer
 
 

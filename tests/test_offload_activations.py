@@ -67,3 +67,13 @@ def test_without_gradients_nothing_is_parked():
     with torch.no_grad():
         model(torch.randn(4, 8), torch.rand(4, 8), offloader)
     assert offloader.host_peak_bytes == 0
+
+
+def test_host_buffers_lock_whole_pages_of_their_own():
+    from dimshard.runtime.pinned import page_aligned
+
+    for numel, dtype in ((1, torch.float32), (12345, torch.bfloat16), (4096, torch.float32)):
+        region, buffer = page_aligned(numel, dtype)
+        assert region.data_ptr() % 4096 == 0 and region.numel() % 4096 == 0
+        assert buffer.numel() == numel and buffer.dtype == dtype and buffer.data_ptr() == region.data_ptr()
+        assert region.numel() - buffer.numel() * buffer.element_size() < 4096
