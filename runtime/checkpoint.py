@@ -226,7 +226,12 @@ def verify_shard(step_dir: Path, rank: int, check_sha256: bool = True) -> dict:
         raise CheckpointError(f"{meta_file} is missing: checkpoint {step_dir} is incomplete; resume from another "
                               f"step_<N> folder in {step_dir.parent}")
     meta = read_json(meta_file, f"resume from another step_<N> folder in {step_dir.parent}")
-    shard_file = step_dir / meta["file"]["name"]
+    try:
+        shard_file = step_dir / meta["file"]["name"]
+        int(meta["file"]["bytes"]), str(meta["file"]["sha256"]), meta["optimizer"], meta["parameters"]
+    except (KeyError, TypeError, ValueError) as missing:
+        raise CheckpointError(f"{meta_file} is partial or corrupt (no valid {missing}); checkpoint {step_dir} "
+                              f"cannot be used: resume from another step_<N> folder in {step_dir.parent}") from None
     advice = (f"the checkpoint {step_dir} cannot be used: resume from an earlier step_<N> folder in "
               f"{step_dir.parent} (pass it to --resume_path), or restore the file from a copy")
     if not shard_file.is_file():

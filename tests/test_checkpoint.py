@@ -105,3 +105,42 @@ def test_crash_then_resume_continues_bit_identically_and_corrupt_shards_are_refu
     # Another layout cannot load a sharded checkpoint and is told to merge it.
     one = dataclasses.replace(crashed, plan_ngpus=1, runtime_ngpus=1)
     assert "ckpt_merger.py" in _load_errors(one, str(root_b))
+
+
+def _complete(folder, step: int) -> None:
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+
+def test_commit_leftovers_never_look_complete_and_an_interrupted_replacement_is_undone(tmp_path):
+    root = tmp_path / "ckpt"
+    _complete(root / "step_2", 2)
+    _complete(root / "step_4.replaced", 4)  # a re-save of step 4 cut short between its two renames
+    (root / "step_4").mkdir()  # ... with no trainer_state.json: not complete
+    _complete(root / "step_6.tmp", 6)
+    _complete(root / "step_8.deleting", 8)
+    (root / "latest").write_text("step_4\n")
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_2", "step_4.replaced"]
+    assert checkpoint.find_latest_checkpoint(root).name == "step_4.replaced"
+
+    staging = checkpoint.prepare_staging(root, 10)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_10.tmp", "step_2", "step_4"]
+    assert (root / "step_4" / "trainer_state.json").is_file() and staging == root / "step_10.tmp"
+
+    (staging / "trainer_state.json").write_text("{}")
+    checkpoint.commit_staging(root, staging, 10, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_10", "step_4"]
+    assert (root / "latest").read_text().strip() == "step_10"
+
+
+def test_a_run_writes_only_into_a_checkpoint_dir_it_owns(tmp_path):
+    root = tmp_path / "ckpt"
+    checkpoint.check_checkpoint_dir_owned(root, None)  # absent
+    _complete(root / "step_3.tmp", 3)
+    checkpoint.check_checkpoint_dir_owned(root, None)  # only an interrupted save: nothing to lose
+    _complete(root / "step_2", 2)
+    with pytest.raises(CheckpointError, match="--resume_path auto to continue that run, another --name"):
+        checkpoint.check_checkpoint_dir_owned(root, None)
+    checkpoint.check_checkpoint_dir_owned(root, root / "step_2")  # resumed from it
+    with pytest.raises(CheckpointError, match="another --checkpoint_dir"):
+        checkpoint.check_checkpoint_dir_owned(root, tmp_path / "elsewhere" / "step_2")

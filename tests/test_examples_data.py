@@ -273,6 +273,47 @@ def test_bookcorpus_errors(demo: dict[str, Path], tmp_path: Path) -> None:
     assert (occupied / "notes.txt").read_text() == "keep me"
 
 
+def _cli_error(argv: list[str]) -> str:
+    """bookcorpus.main's exit message, which must be one ``error:`` line."""
+    with pytest.raises(SystemExit) as stopped:
+        bookcorpus.main(argv)
+    message = str(stopped.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_bookcorpus_bad_files_give_one_line_errors(demo: dict[str, Path], tmp_path: Path) -> None:
+    def argv(corpus: Path | str, tokenizer: Path | str, save: str) -> list[str]:
+        return ["--data_path_or_name", str(corpus), "--tokenizer_path_or_name", str(tokenizer),
+                "--save_path", str(tmp_path / save), "--sequence_length", "64", "--cache_dir", str(demo["cache"])]
+
+    # A tokenizer whose files were cut short or overwritten.
+    for name, damage in (("tokenizer.json", lambda text: text[: len(text) // 3]),
+                         ("tokenizer_config.json", lambda text: "{\"eos_token\": ")):
+        broken = tmp_path / f"broken_{name}"
+        shutil.copytree(demo["tokenizer"], broken)
+        (broken / name).write_text(damage((broken / name).read_text()))
+        assert "could not load tokenizer" in _cli_error(argv(demo["corpus"], broken, f"out_{name}"))
+
+    # A corpus file cut in the middle of a record.
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(demo["corpus"].read_text()[:5000])
+    assert "could not read 1 json file(s)" in _cli_error(argv(partial, demo["tokenizer"], "out_partial"))
+
+    # A save_to_disk corpus with a truncated Arrow file, or a corrupt state.json.
+    saved = tmp_path / "saved"
+    bookcorpus.prepare_dataset(corpus_args(demo, saved, sequence_length=64))
+    for damage in ("arrow", "state"):
+        copy = tmp_path / f"saved_{damage}"
+        shutil.copytree(saved, copy)
+        if damage == "arrow":
+            arrow = next(copy.glob("*.arrow"))
+            arrow.write_bytes(arrow.read_bytes()[:200])
+        else:
+            (copy / "state.json").write_text("{\"_data_files\": [")
+        assert "cannot be read" in _cli_error(argv(copy, demo["tokenizer"], f"out_{damage}"))
+
+
 def test_bookcorpus_cli(demo: dict[str, Path], tmp_path: Path) -> None:
     command = [sys.executable, "examples/llama3_128k/bookcorpus.py",
                "--data_path_or_name", str(demo["corpus"]), "--tokenizer_path_or_name", str(demo["tokenizer"]),

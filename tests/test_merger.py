@@ -4,6 +4,7 @@ other layouts; Hugging Face export loads with from_pretrained."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,48 @@ def test_hf_export_loads_with_from_pretrained(tmp_path):
     assert merger.main(["--ckpt_dir", str(tmp_path / "ckpt"), "--hf_output_dir", str(tmp_path / "hf2"),
                         "--model_config", str(hf_dir), "--no_progress"]) == 0
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf2")).config.hidden_size == 16
+
+
+def test_bad_checkpoint_files_give_one_line_errors(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    state = {k: v.detach().clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
+    run_distributed(_save_llama_shards, 2, config.to_dict(), state, str(tmp_path / "ckpt"), timeout_s=60)
+    good = tmp_path / "ckpt" / "step_0"
+    merger = _merger()
+
+    def damaged(name: str, file: str, change) -> Path:
+        folder = tmp_path / name / "step_0"
+        shutil.copytree(good, folder)
+        (folder / file).write_bytes(change((folder / file).read_bytes()))
+        return folder
+
+    def error_line(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert merger.main([*argv, "--no_progress"]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, errors
+        return errors[0]
+
+    out = ["--output_fname", str(tmp_path / "merged.safetensors")]
+    cases = {
+        "trainer_state.json": damaged("state", "trainer_state.json", lambda b: b[:30]),
+        "rank1.json": damaged("rank_json", "rank1.json", lambda b: b'{"file": {}}'),
+        "rank0.safetensors": damaged("shard", "rank0.safetensors", lambda b: b[:-20]),
+        "plan.json": damaged("plan", "plan.json", lambda b: b"\x00\x01"),
+    }
+    for needle, folder in cases.items():
+        flags = ["--hf_output_dir", str(tmp_path / "hf")] if needle == "plan.json" else out
+        line = error_line(["--ckpt_dir", str(folder), *flags])
+        assert needle in line or "rank1" in line, (needle, line)
+    bad_config = tmp_path / "bad_config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text('{"model_type": ')
+    line = error_line(["--ckpt_dir", str(good), "--hf_output_dir", str(tmp_path / "hf"),
+                       "--model_config", str(bad_config)])
+    assert "config.json" in line and "--model_config" in line
 
 
 def test_cli_help_lists_every_flag():

@@ -1,14 +1,18 @@
 """End to end through examples/llama3_128k/train.py under torchrun (gloo, CPU).
 
 The same global batch trained under different layouts logs the same losses; a stopped run
-resumes exactly; a merged checkpoint resumes under another plan and exports to Hugging Face;
-bad inputs fail before training with a message that says what to change.
+resumes exactly; a merged checkpoint resumes under another plan and exports to Hugging Face (a
+text-generation pipeline runs on the export); bad inputs and bad files fail with one line that
+says what to change; runs keep their outputs under ./runs/<name>/ and never touch another's;
+``--resume_path auto`` with nothing to resume is a fresh run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +29,8 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
 
 
-def _python(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=_env(),
+def _python(*args: str, check: bool = True, timeout: int = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=_env(),
                          timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
@@ -140,6 +144,15 @@ def test_resume_merge_export(workdir):
         loss = hf(input_ids=batch, labels=batch).loss.item()
     assert abs(loss - full[3]) <= 1e-4 * abs(full[3]), (loss, full[3])
 
+    # The export carries the source folder's tokenizer and generation config: a pipeline runs on it.
+    from transformers import pipeline
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (workdir / "hf" / name).is_file(), name
+    generate = pipeline("text-generation", model=str(workdir / "hf"), device="cpu")
+    text = generate("def main():", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("def main():") and len(text) > len("def main():"), text
+
 
 def test_bad_inputs_fail_before_training_and_say_what_to_change(workdir):
     base = ["--model_id", str(workdir / "model"), "--dataset_path", str(workdir / "data")]
@@ -161,3 +174,99 @@ def test_bad_inputs_fail_before_training_and_say_what_to_change(workdir):
             "--policy", "dp", "--micro_batch_size", "2", "--compile_dir", str(workdir / "stale" / "compile"))
     out = _train(workdir, "stale", 1, *flags, "--max_steps", "1", "--checkpoint_dir", "")
     assert "is stale" in out.stdout and "compiling" in out.stdout, out.stdout
+
+
+def _one_line_error(out: subprocess.CompletedProcess, *needles: str) -> None:
+    """The process failed with status 2 and one ``error:`` line holding every needle, no traceback."""
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def test_runs_keep_their_own_folders_and_resume_auto_without_a_checkpoint_is_a_fresh_run(workdir):
+    cwd = workdir / "cwd"
+    cwd.mkdir()
+    base = [str(EXAMPLE / "train.py"), "--model_id", str(workdir / "model"), "--dataset_path", str(workdir / "data"),
+            "--lr", "2e-3", "--lr_schedule", "constant", "--dtype", "fp32", "--loss_chunk_size", "48",
+            "--plan_ngpus", "1", "--runtime_ngpus", "1", "--policy", "dp", "--micro_batch_size", "4",
+            "--max_steps", "2"]
+    _python(*base, "--name", "plain", cwd=cwd)
+    # What a preemptible job always passes: with nothing to resume it is the same fresh run, weights included.
+    _python(*base, "--name", "auto", "--resume_path", "auto", cwd=cwd)
+    runs = cwd / "runs"
+    plain, auto = _metrics(runs / "plain" / "metrics.jsonl"), _metrics(runs / "auto" / "metrics.jsonl")
+    assert [r["loss"] for r in auto] == [r["loss"] for r in plain] and all(math.isfinite(r["loss"]) for r in auto)
+    for name in ("plain", "auto"):
+        assert (runs / name / "compile" / "plan.json").is_file()
+        assert (runs / name / "checkpoints" / "step_2" / "trainer_state.json").is_file()
+
+    # A fresh run under a name that has checkpoints refuses, and names the ways out; nothing changes.
+    out = _python(*base, "--name", "plain", check=False, cwd=cwd)
+    _one_line_error(out, "--resume_path auto", "--name", "--checkpoint_dir")
+    assert _metrics(runs / "plain" / "metrics.jsonl") == plain
+    # Resumed, it appends to its own metrics.
+    _python(*base, "--name", "plain", "--resume_path", "auto", "--max_steps", "3", cwd=cwd)
+    resumed = _metrics(runs / "plain" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3] and resumed[:2] == plain
+
+    # A checkpoint whose trainer_state.json was cut short, and a truncated merged file: one line each.
+    bad = cwd / "bad" / "step_3"
+    shutil.copytree(runs / "plain" / "checkpoints" / "step_3", bad)
+    state = bad / "trainer_state.json"
+    state.write_text(state.read_text()[:40])
+    reuse = ["--compile_dir", str(runs / "plain" / "compile"), "--max_steps", "4"]
+    out = _python(*base, *reuse, "--name", "bad_state", "--resume_path", str(bad), check=False, cwd=cwd)
+    _one_line_error(out, "trainer_state.json", "another step_<N>")
+    merged = cwd / "merged.safetensors"
+    _python(str(ROOT / "tools" / "ckpt_merger.py"), "--ckpt_dir", str(runs / "plain" / "checkpoints"),
+            "--output_fname", str(merged), "--no_progress")
+    merged.write_bytes(merged.read_bytes()[:1000])
+    out = _python(*base, *reuse, "--name", "bad_merged", "--resume_path", str(merged), check=False, cwd=cwd)
+    _one_line_error(out, "merged.safetensors", "truncated or corrupt")
+
+
+def test_bad_model_and_dataset_files_give_one_line_errors(workdir):
+    bad = workdir / "bad_files"
+    compile_flags = ["--run_mode", "compile", "--plan_ngpus", "1", "--runtime_ngpus", "1", "--policy", "dp",
+                     "--compile_dir", str(bad / "compile")]
+
+    def model_with(config_text: str, name: str) -> Path:
+        folder = bad / name
+        shutil.copytree(workdir / "model", folder)
+        (folder / "config.json").write_text(config_text)
+        return folder
+
+    config = (workdir / "model" / "config.json").read_text()
+    inconsistent = json.dumps({**json.loads(config), "num_attention_heads": 5})
+    for name, text in (("partial", config[: len(config) // 2]), ("garbage", "\x00not json"),
+                       ("inconsistent", inconsistent)):
+        out = _python(str(EXAMPLE / "train.py"), *compile_flags, "--model_id", str(model_with(text, name)),
+                      "--sequence_length", str(SEQ), check=False)
+        _one_line_error(out, "config.json", "--model_id")
+
+    for damage in ("arrow", "state"):
+        data = bad / f"data_{damage}"
+        shutil.copytree(workdir / "data", data)
+        if damage == "arrow":
+            arrow = next(data.glob("*.arrow"))
+            arrow.write_bytes(arrow.read_bytes()[:200])
+        else:
+            (data / "state.json").write_text('{"_data_files": [')
+        out = _python(str(EXAMPLE / "train.py"), *compile_flags, "--model_id", str(workdir / "model"),
+                      "--dataset_path", str(data), check=False)
+        _one_line_error(out, str(data), "bookcorpus.py")
+
+    # Truncated weights in the model folder: found when they are loaded, before training.
+    model = model_with(config, "truncated_weights")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    out = _python(str(EXAMPLE / "train.py"), "--model_id", str(model), "--dataset_path", str(workdir / "data"),
+                  "--plan_ngpus", "1", "--runtime_ngpus", "1", "--policy", "dp", "--micro_batch_size", "2",
+                  "--dtype", "fp32", "--max_steps", "1", "--checkpoint_dir", "", "--compile_dir", str(bad / "c2"),
+                  "--dump_dir", str(bad / "dump"), check=False)
+    _one_line_error(out, "--model_id", "save_pretrained")

@@ -7,16 +7,34 @@ The merged file is safetensors: parameters under their original names, AdamW mom
 ``optimizer.exp_avg.<name>`` / ``optimizer.exp_avg_sq.<name>``, fp32 masters (bf16 runs) as
 ``master.<name>``, and the step, trainer state and plan as JSON in the file's metadata. Resume
 from it under any plan with ``--resume_path <file>``. All rank files must be in the step folder.
+
+The Hugging Face folder also gets the tokenizer files and generation_config.json of the source
+model folder (``--model_config`` when it is a folder, else the run's ``--model_id``) when it has
+them, so that ``transformers.pipeline("text-generation", model=<folder>)`` works on it. A missing,
+partial or corrupt file gives one ``error:`` line saying what to do, and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
-from dimshard.runtime.checkpoint import CheckpointError, merge_checkpoint, resolve_checkpoint, save_merged
+from dimshard.runtime.checkpoint import (
+    CheckpointError,
+    merge_checkpoint,
+    read_json,
+    resolve_checkpoint,
+    save_merged,
+)
+
+# Files of a model folder that belong next to the exported weights: the tokenizer (any of the
+# formats transformers saves) and the generation defaults.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+GENERATION_CONFIG = "generation_config.json"
 
 
 def _find_model_config(step_dir: Path, model_config: str | None, plan: dict) -> dict:
@@ -27,9 +45,9 @@ def _find_model_config(step_dir: Path, model_config: str | None, plan: dict) -> 
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
             raise CheckpointError(f"--model_config {model_config}: no config.json there")
-        return json.loads(path.read_text())
+        return read_json(path, "pass --model_config <the model folder the run was started from>")
     if (step_dir / "config.json").is_file():
-        return json.loads((step_dir / "config.json").read_text())
+        return read_json(step_dir / "config.json", "pass --model_config <the model folder the run was started from>")
     if isinstance(plan.get("model_config"), dict):
         return plan["model_config"]
     raise CheckpointError(
@@ -38,9 +56,22 @@ def _find_model_config(step_dir: Path, model_config: str | None, plan: dict) -> 
     )
 
 
-def export_hf(tensors: dict, metadata: dict, config: dict, output_dir: str | Path) -> None:
+def source_model_dir(model_config: str | None, trainer_state: dict) -> Path | None:
+    """The model folder the run started from: ``--model_config`` if it is a folder, else the
+    run's recorded ``--model_id`` if that folder exists here; None otherwise."""
+    if model_config and Path(model_config).is_dir():
+        return Path(model_config)
+    model_id = (trainer_state.get("config") or {}).get("model_id")
+    if model_id and Path(model_id).is_dir():
+        return Path(model_id)
+    return None
+
+
+def export_hf(tensors: dict, metadata: dict, config: dict, output_dir: str | Path,
+              source_dir: Path | None = None) -> list[str]:
     """Write a folder loadable by ``AutoModelForCausalLM.from_pretrained``: config.json plus the
-    parameters (in their trained dtype, sharded safetensors with an index when large)."""
+    parameters (in their trained dtype, sharded safetensors with an index when large), and the
+    tokenizer files and generation_config.json found in ``source_dir``; returns the copied names."""
     from huggingface_hub import save_torch_state_dict
 
     names = [p["name"] for p in metadata["plan"]["parameters"]]
@@ -48,6 +79,13 @@ def export_hf(tensors: dict, metadata: dict, config: dict, output_dir: str | Pat
     output_dir.mkdir(parents=True, exist_ok=True)
     save_torch_state_dict({name: tensors[name] for name in names}, output_dir)
     (output_dir / "config.json").write_text(json.dumps(config, indent=2))
+    copied = []
+    if source_dir is not None and source_dir.resolve() != output_dir.resolve():
+        for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, output_dir / name)
+                copied.append(name)
+    return copied
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         step_dir = resolve_checkpoint(args.ckpt_dir)
         config = None
         if args.hf_output_dir:  # fail before the (long) merge when no config can be found
-            config = _find_model_config(step_dir, args.model_config, json.loads((step_dir / "plan.json").read_text()))
+            config = _find_model_config(step_dir, args.model_config,
+                                        read_json(step_dir / "plan.json", "merge another step_<N> folder"))
         print(f"merging {step_dir}", file=sys.stderr)
         include_optimizer = bool(args.output_fname) and not args.params_only
         tensors, metadata = merge_checkpoint(step_dir, include_optimizer=include_optimizer,
@@ -82,10 +121,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.output_fname} (step {metadata['step']}, {len(tensors)} tensors)", file=sys.stderr)
         if args.hf_output_dir:
             assert config is not None
-            export_hf(tensors, metadata, config, args.hf_output_dir)
-            print(f"wrote Hugging Face model folder {args.hf_output_dir}", file=sys.stderr)
+            source = source_model_dir(args.model_config, metadata["trainer_state"])
+            copied = export_hf(tensors, metadata, config, args.hf_output_dir, source)
+            also = f" with {', '.join(copied)} from {source}" if copied else ""
+            print(f"wrote Hugging Face model folder {args.hf_output_dir}{also}", file=sys.stderr)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        # A rank file or trainer_state.json that parses but lacks a field, an unwritable output, ...
+        detail = f"{type(error).__name__}: {error}"
+        print(f"error: merging {args.ckpt_dir} failed ({detail}); check that it is a complete dimshard "
+              "checkpoint (step_<N> folder) and that the output folders are writable", file=sys.stderr)
         return 1
     return 0
 

@@ -96,10 +96,19 @@ def _load_data_files(files: list[Path], args: CorpusArgs) -> Any:
                              f"{args.data_path_or_name} is a {builder} data file") from None
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
 def _load_saved(path: Path, split: str) -> Any:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as error:  # a truncated .arrow file, a corrupt state.json (pyarrow/json errors)
+        raise UserInputError(f"{path} is a save_to_disk folder that cannot be read ({type(error).__name__}: "
+                             f"{_first_line(error)}); it is partial or corrupt: save it again, or point "
+                             f"--data_path_or_name at the original data files") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise UserInputError(f"{path} has no split {split!r}; its splits are {sorted(loaded)}: "
@@ -319,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
         prepare_dataset(args)
     except UserInputError as error:
         sys.exit(f"error: {error}")
+    except (OSError, ValueError) as error:  # data that went bad after it was opened, a full disk, ...
+        sys.exit(f"error: {type(error).__name__}: {_first_line(error)}; check the corpus files and that "
+                 f"--save_path is on a disk with free space")
 
 
 if __name__ == "__main__":

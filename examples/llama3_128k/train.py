@@ -68,15 +68,49 @@ def _param_dtype(args: TrainArgs, for_gpu: bool) -> torch.dtype:
 def _sequence_length(args: TrainArgs) -> int:
     if args.sequence_length is not None:
         return args.sequence_length
+    if args.data_sources:
+        raise UserInputError("--data_sources packs sequences on the fly: give their length with --sequence_length")
     if not args.dataset_path:
         raise UserInputError("give --dataset_path (its sequence length is used) or --sequence_length")
+    return len(_open_dataset(args.dataset_path)[0]["input_ids"])
+
+
+def _open_dataset(path: str, sequence_length: int | None = None):
+    """The packed dataset at ``path``; a missing, partial or corrupt one is a UserInputError."""
     from dimshard.runtime.data import load_token_dataset
 
-    return len(load_token_dataset(args.dataset_path)[0]["input_ids"])
+    try:
+        return load_token_dataset(path, sequence_length)
+    except (OSError, ValueError, RuntimeError) as error:
+        if type(error) in (ValueError, FileNotFoundError):  # load_token_dataset's own: they say what to do
+            raise UserInputError(_one_line(error)) from None
+        # pyarrow's or json's: a truncated .arrow file, a corrupt state.json or dataset_info.json
+        raise UserInputError(_one_line(f"--dataset_path {path} cannot be read ({type(error).__name__}: {error}); it "
+                                       "is partial or corrupt: re-create it with bookcorpus.py")) from None
+
+
+def _data_spec(args: TrainArgs, check: bool = False):
+    """The DataSpec of ``--data_sources`` (None without); ``check`` opens every source and the tokenizer
+    first and raises a one-line DataSpecError (a UserInputError) for what does not fit the model."""
+    from dimshard.runtime.data_spec import check_data_spec, spec_from_config
+
+    spec = spec_from_config(args)
+    if spec is not None and check:
+        from dimshard.planner.hf import load_config
+
+        vocab_size = getattr(load_config(args.model_id), "vocab_size", None) if args.model_id else None
+        check_data_spec(spec, vocab_size, dp_size=args.runtime_ngpus // args.plan_ngpus)
+    return spec
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _compile_inputs(args: TrainArgs, sequence_length: int) -> dict[str, torch.Tensor]:
     ids = torch.zeros(args.micro_batch_size, sequence_length, dtype=torch.long)
+    if args.document_masking:  # packed documents: the loader's batches carry these too (runtime/data_loader.py)
+        return {"input_ids": ids, "labels": ids.clone(), "position_ids": ids.clone(), "document_ids": ids.clone()}
     return {"input_ids": ids, "labels": ids.clone()}
 
 
@@ -156,11 +190,18 @@ def compile_is_current(args: TrainArgs, for_gpu: bool) -> tuple[bool, str]:
 
 def _init_weights(module: object, args: TrainArgs) -> None:
     """Load weights from the model folder, or draw them (seeded per parameter) when it has none."""
+    from safetensors import SafetensorError
+
     from dimshard.runtime.module import take_slice
     from dimshard.runtime.weights import has_weights, slice_reader
 
     if has_weights(args.model_id):
-        module.load_full_state_dict(slice_reader(args.model_id))
+        try:
+            module.load_full_state_dict(slice_reader(args.model_id))
+        except (KeyError, ValueError, OSError, RuntimeError, SafetensorError) as error:
+            raise UserInputError(_one_line(
+                f"cannot load the weights in --model_id {args.model_id} ({type(error).__name__}: {error}); they "
+                "are missing, truncated or of another model: save the model again with save_pretrained")) from None
         return
     _log(f"{args.model_id} holds no weights: initializing randomly (seed {args.init_seed})")
     from dimshard.planner.hf import load_config
@@ -181,16 +222,14 @@ def _init_weights(module: object, args: TrainArgs) -> None:
 
 def run_stage(args: TrainArgs) -> None:
     """Under torchrun (or one plain process): compile if needed, load, train, checkpoint."""
-    from dimshard.runtime.data import load_token_dataset
-    from dimshard.runtime.distributed import destroy_parallel, init_parallel
-    from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.trainer import train
+    from dimshard.runtime.distributed import destroy_parallel
+    from dimshard.runtime.failures import failure_watchdog
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != args.runtime_ngpus:
         raise UserInputError(f"--runtime_ngpus is {args.runtime_ngpus} but {world} processes were launched: "
                              f"use torchrun --nproc_per_node {args.runtime_ngpus} (or change --runtime_ngpus)")
-    if not args.dataset_path or not Path(args.dataset_path).exists():
+    if not args.data_sources and (not args.dataset_path or not Path(args.dataset_path).exists()):
         raise UserInputError(f"--dataset_path {args.dataset_path!r} does not exist: prepare it with bookcorpus.py")
     use_gpu = torch.cuda.is_available()
     backend = "nccl" if use_gpu else "gloo"
@@ -204,46 +243,73 @@ def run_stage(args: TrainArgs) -> None:
             kwargs["store"] = dist.HashStore()
             kwargs.update(rank=0, world_size=1)
         dist.init_process_group(backend, **kwargs)
+    failed = False
     try:
-        if dist.get_rank() == 0:
-            current, why = compile_is_current(args, use_gpu)
-            if not current:
-                _log(f"{why}: compiling")
-                compile_stage(args, use_gpu)
-            else:
-                _log(f"reusing the compile output in {args.compile_dir}")
-        dist.barrier()
-        plan = read_plan(args.compile_dir)
-        ctx = init_parallel(plan)
-        module = load_parallel_module(args.compile_dir, ctx)
-        if not args.resume_path:
-            _init_weights(module, args)
-        dataset = load_token_dataset(args.dataset_path, plan["model_stats"]["seq_len"])
-        from dimshard.planner.hf import load_config
-
-        model_config = load_config(args.model_id).to_dict()
-        config = TrainConfig(**{k: v for k, v in asdict(args).items() if k in TrainConfig.__dataclass_fields__})
-        result = train(config, module, ctx, dataset, plan, model_config=model_config)
-        _log(f"done: steps {result.start_step}..{result.final_step}, skipped {result.skipped_steps}, "
-             f"checkpoint {result.last_checkpoint}")
+        # From here on, a failure on one rank ends every rank with its message (no rank waits
+        # in a collective for a peer that is gone).
+        with failure_watchdog():
+            _train_under_torchrun(args, use_gpu)
+    except BaseException:
+        failed = True
+        raise
     finally:
-        destroy_parallel()
+        if not failed or world == 1:  # a failed multi-rank job exits without tearing down (main)
+            destroy_parallel()
+
+
+def _train_under_torchrun(args: TrainArgs, use_gpu: bool) -> None:
+    """Every rank: compile (rank 0, when needed), load or initialise the weights, train."""
+    from dimshard.runtime.distributed import init_parallel
+    from dimshard.runtime.module import load_parallel_module, read_plan
+    from dimshard.runtime.trainer import resume_source, train
+
+    if dist.get_rank() == 0:
+        current, why = compile_is_current(args, use_gpu)
+        if not current:
+            _log(f"{why}: compiling")
+            compile_stage(args, use_gpu)
+        else:
+            _log(f"reusing the compile output in {args.compile_dir}")
+    dist.barrier()
+    plan = read_plan(args.compile_dir)
+    ctx = init_parallel(plan)
+    module = load_parallel_module(args.compile_dir, ctx)
+    config = TrainConfig(**{k: v for k, v in asdict(args).items() if k in TrainConfig.__dataclass_fields__})
+    if resume_source(config) is None:  # a fresh start, also for --resume_path auto without a checkpoint
+        _init_weights(module, args)
+    dataset = _data_spec(args) or _open_dataset(args.dataset_path, plan["model_stats"]["seq_len"])
+    from dimshard.planner.hf import load_config
+
+    model_config = load_config(args.model_id).to_dict()
+    result = train(config, module, ctx, dataset, plan, model_config=model_config)
+    _log(f"done: steps {result.start_step}..{result.final_step}, skipped {result.skipped_steps}, "
+         f"checkpoint {result.last_checkpoint}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, then compile or run; user errors print one line and exit with status 2."""
+    from dimshard.runtime.checkpoint import CheckpointError
+    from dimshard.runtime.failures import PeerFailure
+
     args = parse_dataclass_args(TrainArgs, argv)
     try:
         args.validate()
+        _data_spec(args, check=True)  # a bad data spec fails here, before any compile or GPU work
         if args.run_mode == "compile":
             compile_stage(args, for_gpu=args.dtype == "bf16" or torch.cuda.is_available())
         else:
             run_stage(args)
-    except (UserInputError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserInputError, ValueError, OSError, CheckpointError, PeerFailure) as e:
+        # Bad flags or files, a full disk, a corrupt checkpoint: what went wrong and what to do.
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from dimshard.runtime.failures import exit_after_failure
+
+        exit_after_failure(code)  # the other ranks were told (failure_watchdog); no teardown
+    sys.exit(code)
