@@ -140,7 +140,7 @@ def _plan_by_seeds(graph: Graph, mesh: Mesh, seeders: list[Seeder], ctx: PolicyC
 
 def _tp_seed(graph: Graph, op: Op) -> str | None:
     """Megatron roles: column-parallel projections split their output features, row-parallel their inputs."""
-    if op.name != "torch.nn.functional.linear":
+    if op.record.role != "projection":  # a linear layer: weight `n k`, output features n
         return _loss_seed(graph, op)
     weight = _weight_name(graph, op) or ""
     if _COLUMN.search(weight):
@@ -152,7 +152,7 @@ def _tp_seed(graph: Graph, op: Op) -> str | None:
 
 def _loss_seed(graph: Graph, op: Op) -> str | None:
     """A token-wise loss op (chunked cross-entropy) splits its sequence dim: its output is per token."""
-    if op.is_custom and "cross_entropy" in op.name and op.annotation is not None:
+    if op.record.role == "token_loss" and op.annotation is not None:
         names = op.annotation.inputs[0].names()
         if len(names) >= 2 and names[1] not in op.annotation.frozen:
             return names[1]
@@ -161,14 +161,15 @@ def _loss_seed(graph: Graph, op: Op) -> str | None:
 
 def _sequence_seed(graph: Graph, op: Op) -> str | None:
     """Put the residual stream on Shard(sequence) from the token embedding on."""
-    if op.name == "torch.nn.functional.embedding" and op.annotation is not None:
+    if op.record.role == "embedding" and op.annotation is not None:
         names = op.annotation.inputs[0].names()
         return names[1] if len(names) >= 2 else None
     return _loss_seed(graph, op)
 
 
 def _batch_seed(graph: Graph, op: Op) -> str | None:
-    if op.name == "torch.nn.functional.embedding" and op.annotation is not None:
+    """Split the batch from the token embedding on."""
+    if op.record.role == "embedding" and op.annotation is not None:
         return op.annotation.inputs[0].names()[0]
     return None
 
