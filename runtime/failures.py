@@ -156,6 +156,8 @@ class StopSignal:
         self._pending: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # Repeats are ignored: a scheduler may signal every process and torchrun forward it again.
+        # A rank stuck in a collective is ended by torchrun's SIGKILL after its grace period.
         if not self.requested:
             print(f"[dimshard] {signal.Signals(signum).name} received: saving a checkpoint at the next step "
                   "boundary, then stopping", file=sys.stderr, flush=True)

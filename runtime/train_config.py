@@ -55,7 +55,8 @@ class TrainConfig:
     resume_path: str | None = field(
         default=None,
         metadata=_help("resume from a sharded checkpoint folder (checkpoint_dir or one step_<N>), a merged "
-                       "checkpoint file, or 'auto' for the latest checkpoint in checkpoint_dir if any"),
+                       "checkpoint file, or 'auto' for the newest checkpoint in checkpoint_dir (none yet: a fresh "
+                       "start, as preemptible jobs want)"),
     )
     micro_batch_size: int = field(default=1, metadata=_help("sequences per micro-batch per model copy"))
     grad_accumulation_steps: int = field(default=1, metadata=_help("micro-batches accumulated per optimizer step"))
