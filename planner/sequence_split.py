@@ -39,6 +39,7 @@ summed before dividing by the count) needs no reorder at all.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,7 @@ CP_MODULE = "dimshard.kernels.context_parallel"
 REORDER_MODULE = "dimshard.kernels._cp_reorder"
 
 _ALT: dict[int, tuple[Op, Annotation | None, Annotation | None]] = {}
+_LAYOUTS: dict[int, tuple[object, ZigzagLayout]] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,10 +65,8 @@ def is_attention(op: Op) -> bool:
     """Whether ``op`` is an attention op (torch's sdpa, or a registered op of the attention cost class)."""
     if op.name == SDPA:
         return True
-    from . import registry
-
-    record = getattr(registry, "op_record", None)
-    return record is not None and getattr(record(op.name), "cost", None) == "attention"
+    record = getattr(op, "record", None)
+    return getattr(record, "cost", None) == "attention"
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,18 @@ class ZigzagLayout:
         return dim is not None and axis in self.axes and (tid, dim) in self.members
 
 
+def plan_layout(graph: Graph, resolved: object) -> ZigzagLayout:
+    """``zigzag_layout`` of a resolved plan, checked against its placements; computed once per plan."""
+    cached = _LAYOUTS.get(id(resolved))
+    if cached is not None and cached[0] is resolved:
+        return cached[1]
+    layout = zigzag_layout(graph, resolved.plan.splits, resolved.plan.mesh,
+                           {i: (resolved.op_inputs[i], resolved.op_outputs[i]) for i in resolved.op_inputs})
+    _LAYOUTS.clear()  # one plan at a time is written: keep no stale plans alive
+    _LAYOUTS[id(resolved)] = (resolved, layout)
+    return layout
+
+
 def zigzag_layout(graph: Graph, splits: dict[int, tuple[str | None, ...]], mesh: Mesh,
                   placements: dict[int, tuple[list[TensorPlacement], list[TensorPlacement]]] | None = None
                   ) -> ZigzagLayout:
@@ -341,6 +353,7 @@ def attention_code(op: Op, axis: int, args: list[str], group: str) -> tuple[str,
             f"sequence_split_attention({args[0]}, {args[1]}, {args[2]}{scale}, group={group})")
 
 
+@functools.cache
 def default_method() -> str:
     """The K/V exchange ``sequence_split_attention`` runs when generated code does not name one.
 
