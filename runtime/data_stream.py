@@ -164,7 +164,8 @@ class PackedSequenceStream:
     """
 
     def __init__(self, spec: DataSpec, *, sequence_length: int, copy_index: int, dp_size: int, seed: int,
-                 datasets: list[Any] | None = None, tokenize: Callable[[list[list[str]]], Iterator[list]] | None = None,
+                 datasets: list[Any] | None = None,
+                 tokenize: Callable[[Iterator[list[str]]], Iterator[list[np.ndarray]]] | None = None,
                  lookahead: int = TOKENIZE_BATCH) -> None:
         if sequence_length < 2:
             raise ValueError(f"sequence_length must be >= 2, got {sequence_length}")
@@ -186,7 +187,7 @@ class PackedSequenceStream:
         self._batches: Iterator[list] | None = None
         self._states: deque[dict] = deque()  # state before each text read but not yet tokenized
 
-    def _local_tokenizer(self) -> Callable[[list[list[str]]], Iterator[list]]:
+    def _local_tokenizer(self) -> Callable[[Iterator[list[str]]], Iterator[list[np.ndarray]]]:
         tokenizer = load_tokenizer(self.spec.tokenizer)
         bos = tokenizer.bos_token_id if self.spec.add_bos else None
 
