@@ -32,6 +32,10 @@ FORMAT_VERSION = 1
 MODEL_LOSS = "model"  # model(**inputs): the Hugging Face model's own loss
 CHUNKED_LOSS = "chunked_cross_entropy"  # planner.hf.chunked_causal_lm_forward(loss_chunk_size)
 
+# describe() keys too long to print when they change: what to say instead.
+_SUMMARIZED = {"model_digest": "the model (config or parameter shapes)",
+               "hw_profile_contents": "the hardware profile's contents", "versions": "library versions",
+               "host_memory_budget_gb_default": "this machine's host memory per GPU (auto's offload budget)"}
 # Fields filled from the model and example inputs by ``for_model``.
 _MODEL_FIELDS = ("model", "model_digest", "inputs")
 
@@ -175,7 +179,13 @@ class CompileConfig:
         if hardware:
             from .hardware import load_hw_profile
 
-            d["hw_profile_contents"] = canonical(load_hw_profile(self.hw_profile).to_dict(), "hardware profile")
+            hw = load_hw_profile(self.hw_profile)
+            d["hw_profile_contents"] = canonical(hw.to_dict(), "hardware profile")
+            if self.policy == "auto" and "host_memory_budget_gb" not in self.policy_options:
+                from .offload_cost import default_host_budget_gb
+
+                # Without the option, auto's offload budget comes from this machine's RAM and GPUs.
+                d["host_memory_budget_gb_default"] = default_host_budget_gb(hw)
         return d
 
     def fingerprint(self) -> str:
@@ -212,10 +222,8 @@ def compile_status(output_dir: str | Path, config: CompileConfig) -> tuple[bool,
     changed = []
     for key in sorted(set(before) | set(now)):
         if before.get(key) != now.get(key):
-            if key in ("model_digest", "hw_profile_contents", "versions"):
-                changed.append({"model_digest": "the model (config or parameter shapes)",
-                                "hw_profile_contents": "the hardware profile's contents",
-                                "versions": "library versions"}[key] + " changed")
+            if key in _SUMMARIZED:
+                changed.append(f"{_SUMMARIZED[key]} changed")
             else:
                 changed.append(f"{key} changed ({before.get(key)!r} -> {now.get(key)!r})")
     return False, f"the compile output in {output_dir} is stale: " + ", ".join(changed or ["fingerprint differs"])

@@ -171,3 +171,17 @@ def test_train_py_reuses_only_a_current_compile_output(tmp_path, monkeypatch):
         changed = dataclasses.replace(args, **{flag: value})
         current, why = train.compile_is_current(changed, for_gpu=False)
         assert not current and flag in why, (flag, why)
+
+
+def test_auto_without_a_host_budget_depends_on_this_machines_memory(tmp_path, monkeypatch):
+    from dimshard.planner import offload_cost
+
+    config = _reference_config().for_model(_model(), _inputs())
+    (tmp_path / "plan.json").write_text(json.dumps({"fingerprint": config.fingerprint(),
+                                                    "compile_config": config.describe()}))
+    assert compile_status(tmp_path, config) == (True, "matches")
+    monkeypatch.setattr(offload_cost, "default_host_budget_gb", lambda hw, ranks_per_host=None: 12345.0)
+    current, why = compile_status(tmp_path, config)
+    assert not current and "host memory per GPU" in why
+    given = dataclasses.replace(config, policy_options={**config.policy_options, "host_memory_budget_gb": 100.0})
+    assert "host_memory_budget_gb_default" not in given.describe()
