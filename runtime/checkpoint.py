@@ -21,16 +21,13 @@ does not parse is a CheckpointError naming it.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -51,6 +48,7 @@ from .checkpoint_commit import (  # noqa: F401  re-exported: the names users of 
 from .failures import agree_on_errors
 from .faults import fault_point
 from .optimizer import MASTER_KEY, OPTIMIZER_KEYS
+from .rng_state import capture_rng_state, restore_rng_state  # noqa: F401  re-exported
 
 if TYPE_CHECKING:
     from .distributed import ParallelContext
@@ -59,35 +57,6 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 MERGED_FORMAT = "dimshard-merged"
-
-# ----------------------------------------------------------------------------------------------
-# RNG states as JSON
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch CPU and (if initialized) current CUDA RNG states, JSON-able."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore states written by ``capture_rng_state`` (CUDA only when present and available)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
-
 
 # ----------------------------------------------------------------------------------------------
 # finding checkpoints
@@ -228,19 +197,22 @@ def verify_shard(step_dir: Path, rank: int, check_sha256: bool = True) -> dict:
     meta = read_json(meta_file, f"resume from another step_<N> folder in {step_dir.parent}")
     try:
         shard_file = step_dir / meta["file"]["name"]
-        int(meta["file"]["bytes"]), str(meta["file"]["sha256"]), meta["optimizer"], meta["parameters"]
-    except (KeyError, TypeError, ValueError) as missing:
-        raise CheckpointError(f"{meta_file} is partial or corrupt (no valid {missing}); checkpoint {step_dir} "
-                              f"cannot be used: resume from another step_<N> folder in {step_dir.parent}") from None
+        written, digest = int(meta["file"]["bytes"]), str(meta["file"]["sha256"])
+        absent = [key for key in ("optimizer", "parameters") if key not in meta]
+    except (KeyError, TypeError, ValueError) as error:
+        absent = [str(error)]
+    if absent:
+        raise CheckpointError(f"{meta_file} is partial or corrupt (no valid {', '.join(absent)}); checkpoint "
+                              f"{step_dir} cannot be used: resume from another step_<N> folder in {step_dir.parent}")
     advice = (f"the checkpoint {step_dir} cannot be used: resume from an earlier step_<N> folder in "
               f"{step_dir.parent} (pass it to --resume_path), or restore the file from a copy")
     if not shard_file.is_file():
         raise CheckpointError(f"checkpoint shard {shard_file} is missing; {advice}")
     size = shard_file.stat().st_size
-    if size != meta["file"]["bytes"]:
+    if size != written:
         raise CheckpointError(f"checkpoint shard {shard_file} is truncated or corrupt: it has {size} bytes, "
-                              f"{meta['file']['bytes']} were written; {advice}")
-    if check_sha256 and _sha256(shard_file) != meta["file"]["sha256"]:
+                              f"{written} were written; {advice}")
+    if check_sha256 and _sha256(shard_file) != digest:
         raise CheckpointError(f"checkpoint shard {shard_file} is corrupt: its sha256 differs from the one "
                               f"recorded when it was written; {advice}")
     return meta
