@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .collectives import COLLECTIVES_TABLE
 from .graph import BUFFER, CONSTANT, DEVICE, INPUT, PARAMETER, Graph, Op, TensorRef
 from .plan import Replicate, ResolvedPlan, Shard, TensorPlacement
 from .redistribute import redistribution_steps
@@ -139,16 +140,9 @@ class _Writer:
             if zigzag is not None:
                 code = zigzag[0]
                 self.imports.update({h: reorder_import([h]) for h in zigzag[1]})
-            elif step.kind == "all_gather":
-                code = f"comm.all_gather({cur}, {step.dim}, {group})"
-            elif step.kind == "all_reduce":
-                code = f"comm.all_reduce({cur}, {group})"
-            elif step.kind == "reduce_scatter":
-                code = f"comm.reduce_scatter({cur}, {step.dim}, {group})"
-            elif step.kind == "all_to_all":
-                code = f"comm.all_to_all({cur}, {step.dim}, {step.dim2}, {group})"
             else:
-                code = f"comm.local_slice({cur}, {step.dim}, {group})"
+                collective = COLLECTIVES_TABLE[step.kind]
+                code = collective.code(cur, (step.dim, step.dim2)[:len(collective.dims)], group)
             block.lines.append((f"{var} = {code}", [var], [cur]))
             cur = var
         self.cache[key] = (var, block)

@@ -1,15 +1,18 @@
 """The cost model: step time and peak memory per GPU of a resolved plan, from op shapes and a hardware profile.
 
-Time. Every op runs on its local shards (``ResolvedPlan.local_shape``). Matmuls (linear, matmul,
-the chunked cross-entropy's projection) cost ``2*m*n*k`` FLOPs, attention ``4*b*h*l*s*d`` (half
-of it when causal), each at the profile's sustained rate, or the time to move its bytes when that
-is longer (a roofline); every other op is memory bound: the bytes it reads and writes over the
-copy bandwidth. Views cost nothing. Backward costs twice the forward; the chunked cross-entropy
-takes its gradients in the forward (three products there) and its backward only scales them. A collective costs ``alpha + bytes / busbw`` with the
-bytes of ``redistribute.step_bytes`` and the bus bandwidth of its kind (nccl-tests' convention,
-under which every kind moves ``step_bytes`` per rank). Its backward is the transposed collective
-(all-gather <-> reduce-scatter, all-reduce and all-to-all themselves, a local slice none); a
-recomputed scope runs its forward, collectives included, twice. Nothing is assumed to overlap.
+Time. Every op runs on its local shards (``ResolvedPlan.local_shape``) and is priced by the cost
+class of its record (``registry.OpRecord.cost``, see ``op_costs.op_cost``). Matmuls (linear,
+matmul, bmm, the chunked cross-entropy's projection) cost ``2*m*n*k`` FLOPs, attention
+``4*b*h*l*s*d`` times the record's ``mask_density`` (half when causal), each at the profile's
+sustained rate, or the time to move its bytes when that is longer (a roofline); every other op is
+memory bound: the bytes it reads and writes over the copy bandwidth. Views cost nothing. Backward
+costs twice the forward; the chunked cross-entropy takes its gradients in the forward (three
+products there) and its backward only scales them. A collective costs ``alpha + bytes / busbw``
+with the bytes of its entry in ``planner/collectives.py`` (``sent_bytes``) and the bus bandwidth
+of its kind (nccl-tests' convention). Its backward is the entry's ``backward`` kind, the
+transposed collective (all-gather <-> reduce-scatter, all-reduce and all-to-all themselves, a
+local slice none); a recomputed scope runs its forward, collectives included, twice. Nothing is
+assumed to overlap.
 
 Memory per GPU, at the peak of a training step:
 
@@ -19,8 +22,8 @@ Memory per GPU, at the peak of a training step:
 - activations kept for backward. The approximation: an op that has a backward keeps the
   activations it reads (in the placement it reads them, so an all-gathered input is kept whole),
   except ops whose backward needs no values: views, casts, additions, concatenations, means and
-  sums, and a product with a constant. Attention keeps its output as well. A tensor kept by
-  several ops counts once. A recomputed scope keeps only its inputs;
+  sums, and a product with a constant (the record's ``saves``). Attention keeps its output as
+  well. A tensor kept by several ops counts once. A recomputed scope keeps only its inputs;
 - the transient: while a recomputed scope is run again in backward its kept activations come back
   (the peak checks every such moment, with the activations of earlier ops still held), plus a
   working set: the largest gradient-carrying op's local inputs and outputs (their gradients are

@@ -14,8 +14,11 @@ from typing import Any
 
 import torch
 
+from .collectives import COMMUNICATING
+
 PROFILE_DIR = Path(__file__).parent / "hw_profiles"
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+# The collective kinds a profile gives a bus bandwidth and latency for (planner/collectives.py).
+COLLECTIVES = COMMUNICATING
 
 
 @dataclass(frozen=True)

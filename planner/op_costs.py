@@ -9,15 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .collectives import COLLECTIVES_TABLE
 from .graph import ACTIVATION, INPUT, Graph, Op
 from .hardware import HardwareProfile
 from .plan import Mesh, Shard, TensorPlacement
 from .redistribute import Step, redistribution_steps, step_bytes
 from .topology import axis_collective_seconds, collective_seconds
 
-# The collective each forward step's gradient needs in backward (runtime/comm.py's table).
-BACKWARD_KIND = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
-                 "all_to_all": "all_to_all", "local_slice": None}
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
@@ -185,24 +183,17 @@ def redistribution_cost(shape: tuple[int, ...], itemsize: int, src: TensorPlacem
     bwd: list[tuple[str, int, float, float]] = []
     for step in redistribution_steps(src, dst):
         n = mesh.shape[step.axis]
-        after = _local_after(step, local, n)
-        if step.kind != "local_slice":
+        collective = COLLECTIVES_TABLE[step.kind]
+        after = collective.local_after(local, n)
+        if collective.communicates:
             nbytes = float(step_bytes(step, int(local), n))
             fwd.append((step.kind, step.axis, nbytes, axis_collective_seconds(hw, step.kind, nbytes, mesh, step.axis)))
-        back = BACKWARD_KIND[step.kind]
+        back = collective.backward
         if backward and back is not None:
             nbytes = float(step_bytes(Step(back, step.axis), int(after), n))
             bwd.append((back, step.axis, nbytes, axis_collective_seconds(hw, back, nbytes, mesh, step.axis)))
         local = after
     return CollectiveCost(tuple(fwd), tuple(bwd))
-
-
-def _local_after(step: Step, local: float, n: int) -> float:
-    if step.kind == "all_gather":
-        return local * n
-    if step.kind in ("reduce_scatter", "local_slice"):
-        return local / n
-    return local
 
 
 @dataclass(frozen=True)

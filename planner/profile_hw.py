@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..cli import parse_dataclass_args
+from .collectives import COLLECTIVES_TABLE
 from .hardware import COLLECTIVES, load_hw_profile
 
 
@@ -111,32 +112,22 @@ def measure_launch(iters: int) -> float:
 
 
 def measure_collectives(megabytes: int, iters: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Bus bandwidth (GB/s) and 4 KB latency (us) of each collective over the default group."""
+    """Bus bandwidth (GB/s) and 4 KB latency (us) of each communicating collective over the default group.
+
+    Each kind is timed through its ``measure`` call in ``planner/collectives.py``; the bus
+    bandwidth counts that kind's ``sent_bytes`` per rank (nccl-tests' convention).
+    """
     n = dist.get_world_size()
     numel = megabytes * 10**6 // 2
     numel -= numel % n
     x = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
-    out_full = torch.empty(numel * n, device="cuda", dtype=torch.bfloat16)
-    out_part = torch.empty(numel // n, device="cuda", dtype=torch.bfloat16)
-    out_same = torch.empty_like(x)
     small = torch.randn(2048 * n, device="cuda", dtype=torch.bfloat16)
-    small_full = torch.empty(2048 * n * n, device="cuda", dtype=torch.bfloat16)
-    small_part = torch.empty(2048, device="cuda", dtype=torch.bfloat16)
-    small_same = torch.empty_like(small)
-    calls = {
-        # (big call, small call, bytes per rank that busbw counts: nccl-tests' algbw * factor)
-        "all_reduce": (lambda: dist.all_reduce(x), lambda: dist.all_reduce(small), 2 * x.nbytes * (n - 1) / n),
-        "all_gather": (lambda: dist.all_gather_into_tensor(out_full, x),
-                       lambda: dist.all_gather_into_tensor(small_full, small), x.nbytes * (n - 1)),
-        "reduce_scatter": (lambda: dist.reduce_scatter_tensor(out_part, x),
-                           lambda: dist.reduce_scatter_tensor(small_part, small), x.nbytes * (n - 1) / n),
-        "all_to_all": (lambda: dist.all_to_all_single(out_same, x),
-                       lambda: dist.all_to_all_single(small_same, small), x.nbytes * (n - 1) / n),
-    }
     busbw, alpha = {}, {}
-    for kind, (big, tiny, nbytes) in calls.items():
+    for kind in COLLECTIVES:
+        collective = COLLECTIVES_TABLE[kind]
+        big, tiny = collective.measure(x, n), collective.measure(small, n)
         dist.barrier()
-        busbw[kind] = round(nbytes / _time(big, iters) / 1e9, 1)
+        busbw[kind] = round(collective.sent_bytes(x.nbytes, n) / _time(big, iters) / 1e9, 1)
         dist.barrier()
         alpha[kind] = round(_time(tiny, iters * 5) * 1e6, 1)
     return busbw, alpha

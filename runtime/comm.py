@@ -20,6 +20,10 @@ So every forward transition A -> B has the backward transition grad(B) -> grad(A
 | local_slice     | Replicate -> Shard(dim)     | zero-padded placement, no comm    |
 | scale_grad      | identity                    | grad * factor                     |
 
+The planner's table of collectives (``planner/collectives.py``) names each of these functions
+with its backward kind, bytes and the call codegen writes; a new collective is an entry there,
+its function here and a case in tests/test_comm.py (the table test runs every entry).
+
 Shards are contiguous, equal chunks ordered by rank inside the group (torch.distributed orders
 a group's ranks by ascending global rank). A group of size 1 makes every function the identity,
 returning its input unchanged. `group` None means the default process group, as in

@@ -20,6 +20,10 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
+from dimshard.planner.collectives import COLLECTIVES_TABLE
+from dimshard.planner.hardware import COLLECTIVES
+from dimshard.planner.plan import PARTIAL, REPLICATE, Shard
+from dimshard.planner.redistribute import redistribution_steps
 from dimshard.runtime import comm
 from dimshard.runtime.comm import all_gather, all_reduce, all_to_all, local_slice, reduce_scatter, scale_grad
 from dimshard.runtime.distributed import destroy_parallel, init_parallel
@@ -194,14 +198,59 @@ def _check_edge_cases() -> None:
     torch.testing.assert_close(odd, before)
 
 
+def _table_placement(kind: str, dim: int) -> tuple[object, str]:
+    """A per-axis planner placement of the table's ``kind`` and the same placement in this file's notation."""
+    if kind == "shard":
+        return Shard(dim), f"S{dim}"
+    return (PARTIAL, "P") if kind == "partial" else (REPLICATE, "R")
+
+
+def _check_table_entries() -> None:
+    """Every entry of the planner's collectives table, through the code codegen writes for it."""
+    world = dist.get_world_size()
+    mesh = Mesh(sizes=[world], groups=[None], coords=[[q] for q in range(world)])
+    for i, collective in enumerate(COLLECTIVES_TABLE.values()):
+        (src, src_tag), (dst, dst_tag) = _table_placement(collective.source, 1), _table_placement(collective.target, 2)
+        [step] = redistribution_steps((src,), (dst,))
+        assert step.kind == collective.kind
+        code = collective.code("x", (step.dim, step.dim2)[:len(collective.dims)], "group")
+        op = lambda x, code=code: eval(code, {"comm": comm, "group": None}, {"x": x})  # noqa: E731
+        try:
+            _check_case(op, [src_tag], [dst_tag], (4, 8, 12), mesh, seed=300 + i, dtype=torch.float32)
+        except AssertionError as error:
+            raise AssertionError(f"table entry {collective.kind}: {code}") from error
+
+
 def _check_one_axis() -> None:
     _check_collectives_one_axis()
     _check_edge_cases()
+    _check_table_entries()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_collectives_match_single_process_reference(world_size: int) -> None:
     run_distributed(_check_one_axis, world_size, timeout_s=90)
+
+
+# The gradient of a tensor in a placement is in this placement (sum over the group of a Replicate's
+# gradient is the true one: it is Partial; a Partial's gradient is the same on every rank).
+_GRADIENT_KIND = {"shard": "shard", "replicate": "partial", "partial": "replicate"}
+
+
+def test_collectives_table_names_runtime_functions_and_transposed_backwards() -> None:
+    for kind, collective in COLLECTIVES_TABLE.items():
+        assert callable(getattr(comm, collective.function, None)), f"{kind}: no comm.{collective.function}"
+        assert collective.function in comm.__all__
+        # The backward turns the output's gradient placement into the input's.
+        grad_src, grad_dst = _GRADIENT_KIND[collective.target], _GRADIENT_KIND[collective.source]
+        if collective.backward is None:
+            assert (grad_src, grad_dst) == ("shard", "partial"), kind  # zero-padding, no communication
+        else:
+            back = COLLECTIVES_TABLE[collective.backward]
+            assert (back.source, back.target) == (grad_src, grad_dst), kind
+        assert collective.sent_bytes(1000, 1) == 0
+        assert (collective.sent_bytes(1000, 4) > 0) == collective.communicates
+    assert set(COLLECTIVES) == {k for k, c in COLLECTIVES_TABLE.items() if c.communicates}
 
 
 # ----------------------------------------------------------------------------------------------
