@@ -9,6 +9,7 @@ dim its producers already split when that costs less communication than gatherin
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,8 +234,24 @@ for _name, _policy in (("dp", dp), ("tp", tp), ("tp_sp", tp_sp), ("tp_batch", tp
 
 
 def get_policy(name: str) -> Policy:
-    """The policy registered as ``name``: the built-ins dp, tp, tp_sp, tp_batch, auto, or one of ``register_policy``."""
+    """The policy registered as ``name``: the built-ins dp, tp, tp_sp, tp_batch, auto, or one of ``register_policy``.
+
+    ``package.module:function`` imports the module (which may register policies as it loads) and,
+    unless that registered ``name``, registers the function under it, so a command line can name a
+    policy of the user's own code: ``--policy my_policies:mlp_tp``.
+    """
+    if name not in POLICIES and ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise PlanError(f"policy '{name}': cannot import module '{module_name}' ({e}); "
+                            "put it on PYTHONPATH or install it") from None
+        if name not in POLICIES:
+            if not callable(getattr(module, attr, None)):
+                raise PlanError(f"policy '{name}': module '{module_name}' has no function '{attr}'")
+            register_policy(name, getattr(module, attr))
     if name not in POLICIES:
-        raise PlanError(f"unknown policy '{name}'; choose one of {sorted(POLICIES)} or register yours with "
-                        "planner.register_policy")
+        raise PlanError(f"unknown policy '{name}'; choose one of {sorted(POLICIES)}, register yours with "
+                        "planner.register_policy, or name it as package.module:function")
     return POLICIES[name]

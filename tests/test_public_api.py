@@ -50,6 +50,21 @@ def test_register_policy_refuses_a_taken_name(monkeypatch):
         dimshard.planner.get_policy("nope")
 
 
+def tp_by_import_path(graph, ctx):
+    """A user policy no module registers: named as ``test_public_api:tp_by_import_path``."""
+    return dimshard.planner.get_policy("tp")(graph, ctx)
+
+
+def test_a_policy_can_be_named_by_its_import_path(monkeypatch):
+    monkeypatch.setattr(policies, "POLICIES", dict(policies.POLICIES))
+    assert dimshard.planner.get_policy("test_public_api:tp_by_import_path") is tp_by_import_path
+    assert "test_public_api:tp_by_import_path" in policies.POLICIES
+    with pytest.raises(dimshard.planner.PlanError, match="cannot import module 'no_such_module_here'"):
+        dimshard.planner.get_policy("no_such_module_here:policy")
+    with pytest.raises(dimshard.planner.PlanError, match="has no function 'missing'"):
+        dimshard.planner.get_policy("test_public_api:missing")
+
+
 def readme_python_blocks() -> str:
     """Every ```python block of README.md, in order, as one program."""
     blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
