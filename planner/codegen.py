@@ -18,7 +18,7 @@ from .graph import BUFFER, CONSTANT, DEVICE, INPUT, PARAMETER, Graph, Op, Tensor
 from .plan import Replicate, ResolvedPlan, Shard, TensorPlacement
 from .redistribute import redistribution_steps
 from .registry import reachable_as
-from .sequence_split import attention_code, reorder_import, zigzag_layout, zigzag_step
+from .sequence_split import attention_code, plan_layout, reorder_import, zigzag_step
 
 
 class CodegenError(RuntimeError):
@@ -109,8 +109,7 @@ class _Writer:
         self.cache: dict[tuple[int, TensorPlacement], tuple[str, _Block]] = {}
         self.methods: list[str] = []
         # Sequence-split attention: its axes hold sequence-aligned tensors in the zigzag layout.
-        self.zigzag = zigzag_layout(graph, resolved.plan.splits, self.mesh,
-                                    {i: (resolved.op_inputs[i], resolved.op_outputs[i]) for i in resolved.op_inputs})
+        self.zigzag = plan_layout(graph, resolved)
 
     # --- naming -------------------------------------------------------------------------------
     def base_var(self, tid: int) -> str:

@@ -60,8 +60,9 @@ from .offload_search import no_fit_message, offload_candidates
 from .placement_problem import PlacementProblem, Weights
 from .plan import Mesh, Plan, PlanError, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, recompute_scopes, register_policy
+from .sequence_split import not_offered as sequence_split_not_offered
 from .sequence_split import sequence_split_axis
-from .solver import minimize
+from .solver import MAX_TABLE_ENTRIES, elimination_order, minimize
 from .topology import node_ordered_meshes
 
 # Re-exported for callers that imported them from here before the solver and layer modules existed.
@@ -220,8 +221,12 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
     evaluated: dict[tuple, Candidate] = {}
     solves = 0
     for shape in shapes:
-        problem = PlacementProblem(graph, structure, Mesh(tuple(f"axis{i}" for i in range(len(shape))), shape), hw,
-                           dp_size, zero)
+        mesh = Mesh(tuple(f"axis{i}" for i in range(len(shape))), shape)
+        problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero)
+        problem.order = elimination_order([len(v.splits) for v in problem.vars], [f.scope for f in problem.factors])
+        if problem.order[1] > MAX_TABLE_ENTRIES:
+            with sequence_split_not_offered():  # its choices made this mesh too entangled: plan it without them
+                problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero)
         solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated)
     for c in offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate):
         evaluated.setdefault((*_signature(c.plan), c.plan.offload_optimizer, tuple(c.plan.offload_scopes)), c)

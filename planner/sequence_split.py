@@ -39,8 +39,10 @@ summed before dividing by the count) needs no reorder at all.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,7 @@ REORDER_MODULE = "dimshard.kernels._cp_reorder"
 
 _ALT: dict[int, tuple[Op, Annotation | None, Annotation | None]] = {}
 _LAYOUTS: dict[int, tuple[object, ZigzagLayout]] = {}
+_OFFERED = [True]  # whether extra_split_names offers the split (see not_offered)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,9 +165,22 @@ def sequence_split_name(op: Op) -> str | None:
 
 def extra_split_names(op: Op) -> list[str]:
     """Names the search may split besides ``annotation.splittable()``: the sequence of a causal
-    attention op that can run sequence split (none for a refused call)."""
+    attention op that can run sequence split (none for a refused call, or inside ``not_offered``)."""
+    if not _OFFERED[0]:
+        return []
     name = sequence_split_name(op)
     return [name] if name is not None and _annotations(op)[1] is not None else []
+
+
+@contextlib.contextmanager
+def not_offered() -> Iterator[None]:
+    """Inside this context the search is offered no sequence split (for a mesh whose layer problem
+    the extra choices would make too entangled for exact search)."""
+    _OFFERED[0] = False
+    try:
+        yield
+    finally:
+        _OFFERED[0] = True
 
 
 def sequence_split_axis(op: Op, split: tuple[str | None, ...], mesh: Mesh) -> int | None:
