@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,11 +67,45 @@ def check_supported(config: Any) -> None:
         raise UnsupportedModelError(reason)
 
 
+# Buffers above this many elements are built on meta too (a max_positions^2 mask would not fit).
+_REAL_BUFFER_LIMIT = 1 << 26
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Inside: every parameter a module registers moves to the meta device; buffers stay real (small ones).
+
+    Parameters are created as the module's code creates them (uninitialised CPU memory that is
+    never touched) and replaced at registration, so their initialisation runs on meta, for free;
+    buffers (rotary tables, Gemma's embedding scale) keep the values the model computes.
+    """
+    register_parameter, register_buffer = torch.nn.Module.register_parameter, torch.nn.Module.register_buffer
+
+    def parameter_on_meta(module: torch.nn.Module, name: str, param: Any) -> None:
+        if param is not None and not param.is_meta:
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def buffer_in_reach(module: torch.nn.Module, name: str, tensor: Any, persistent: bool = True) -> None:
+        if isinstance(tensor, torch.Tensor) and tensor.numel() > _REAL_BUFFER_LIMIT:
+            tensor = tensor.to("meta")
+        register_buffer(module, name, tensor, persistent)
+
+    torch.nn.Module.register_parameter = parameter_on_meta  # type: ignore[method-assign]
+    torch.nn.Module.register_buffer = buffer_in_reach  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        torch.nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
+
+
 def build_on_meta(config: Any) -> torch.nn.Module:
     """A causal LM of ``config`` with parameters on the meta device: no memory, built in a second.
 
-    Buffers end up on meta too; the compile stage rebuilds the ones it needs (rotary tables)
-    from the config. Attention is dimshard's (``attn_implementation="dimshard"``, see
+    Buffers are real (the values the model computes: rotary tables, embedding scales), except
+    any above 2**26 elements, which go to meta and are rebuilt by the compile stage from the
+    config if the graph reads them. Attention is dimshard's (``attn_implementation="dimshard"``, see
     ``kernels/hf_attention.py``): one traced op per layer that takes sliding windows, logit
     soft-capping and document ids, and no mask tensor. Raises UnsupportedModelError for a
     mixture-of-experts config.
@@ -82,7 +117,7 @@ def build_on_meta(config: Any) -> torch.nn.Module:
     check_supported(config)
     name = register()
     config._attn_implementation = name
-    with torch.device("meta"):
+    with _parameters_on_meta():
         return AutoModelForCausalLM.from_config(config, attn_implementation=name)
 
 

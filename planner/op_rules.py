@@ -609,6 +609,11 @@ def _baddbmm(call: OpCall) -> str:
     return f"{bias_spec}, b m k^, b k^ n -> b m n"
 
 
+def _transpose_2d(call: OpCall) -> str:
+    """``x.T`` of a 2-d tensor swaps its dims (other ranks: whole, and ``torch.t`` refuses them at run time)."""
+    return "a b -> b a" if call.inputs[0].ndim == 2 else _opaque(call)
+
+
 def _with_shape_operand(rule: Any) -> Any:
     """``expand_as`` / ``view_as`` / ``reshape_as``: the second tensor only lends its shape (frozen, no flow)."""
 
@@ -645,7 +650,8 @@ def _index_select(call: OpCall) -> str:
     return f"{_fmt(ins)}, s^ -> {_fmt(outs)}"
 
 
-_MORE_ELEMENTWISE = ["relu", "floor", "ceil", "round", "trunc", "sign", "log1p", "expm1", "sinh", "cosh", "atan", "log2",
+_MORE_ELEMENTWISE = ["div_", "sub_", "neg_", "clamp_", "pow_", "exp_", "tanh_", "sqrt_", "rsqrt_", "sigmoid_",
+                     "relu", "floor", "ceil", "round", "trunc", "sign", "log1p", "expm1", "sinh", "cosh", "atan", "log2",
                      "exp2", "fmod", "isnan", "isinf", "isfinite", "nan_to_num", "clamp_min", "clamp_max"]
 
 
@@ -658,6 +664,8 @@ def _register_breadth_rules() -> None:
     set_rule("torch.Tensor.repeat", _repeat, saves="nothing")
     set_rule("torch.addmm", _addmm)
     set_rule(["torch.baddbmm", "torch.Tensor.baddbmm"], _baddbmm)
+    # ``w.T`` of a 2-d weight (Falcon's linear layers); generated code writes it ``t(w)``.
+    set_rule("torch.Tensor.T.__get__", _transpose_2d, cost="view", substitute="torch.t")
     set_rule("torch.functional.split", get_rule("torch.split"))
     set_rule(["torch.Tensor.index_select", "torch.index_select"], _index_select)
     for name in ["torch.Tensor.expand_as", "torch.Tensor.view_as", "torch.Tensor.reshape_as"]:

@@ -56,11 +56,17 @@ class MiniModelArgs:
         "help": "dtype of the saved weights"})
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception as ``Type: message`` on one line (transformers' messages span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+
+
 def load_source_config(model_id: str) -> Any:
     """Load a transformers config from a model folder, a config .json file or a hub id.
 
     A local path that does not exist, or a folder without config.json, raises UserInputError
-    instead of falling back to the hub.
+    instead of falling back to the hub; so does a partial or corrupt config (invalid JSON, no or
+    an unknown model_type, fields transformers rejects), with a one-line reason.
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -71,17 +77,25 @@ def load_source_config(model_id: str) -> Any:
             config_dict = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise UserInputError(f"{path} is not valid JSON ({error}); pass a config.json file") from None
-        model_type = config_dict.get("model_type")
+        model_type = config_dict.get("model_type") if isinstance(config_dict, dict) else None
         if model_type not in CONFIG_MAPPING:
             raise UserInputError(f"{path} has model_type {model_type!r}, which this transformers version "
                                  f"does not know; pass a config.json with a known model_type such as 'llama'")
-        return CONFIG_MAPPING[model_type].from_dict(config_dict)
+        try:
+            return CONFIG_MAPPING[model_type].from_dict(config_dict)
+        except Exception as error:  # noqa: BLE001 — whatever transformers rejects, the file is at fault
+            raise UserInputError(f"{path} is not a valid {model_type} config ({_one_line(error)}); fix or "
+                                 f"replace the file") from None
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserInputError(f"model folder {path} has no config.json; pass a folder written by "
                                  f"save_pretrained, or a config .json file such as "
                                  f"examples/llama3_128k/configs/llama3_8b.json")
-        return AutoConfig.from_pretrained(path)
+        try:
+            return AutoConfig.from_pretrained(path)
+        except Exception as error:  # noqa: BLE001 — invalid JSON, no model_type, rejected fields
+            raise UserInputError(f"the config.json in {path} is partial or corrupt ({_one_line(error)}); "
+                                 f"restore it from the original model folder") from None
     if looks_like_local_path(model_id):
         raise UserInputError(f"--model_id {model_id} does not exist; pass an existing model folder or "
                              f"config .json file (e.g. examples/llama3_128k/configs/llama3_8b.json)")
@@ -135,9 +149,11 @@ def build_mini_config(config: Any, args: MiniModelArgs, tokenizer: Any = None) -
     cycles per-layer lists (``layer_types``), and makes special-token ids valid for the vocabulary.
     Raises UserInputError when the result could not be a working model.
     """
-    if not hasattr(config, "num_hidden_layers"):
-        raise UserInputError(f"config of model_type {config.model_type!r} has no num_hidden_layers; "
-                             f"create_mini_model supports decoder-only text models such as Llama")
+    missing = [name for name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size")
+               if not isinstance(getattr(config, name, None), int)]
+    if missing:
+        raise UserInputError(f"config of model_type {config.model_type!r} has no integer {', '.join(missing)}; "
+                             f"create_mini_model supports decoder-only text models such as Llama, Qwen, Gemma")
     if args.num_hidden_layers < 1:
         raise UserInputError(f"--num_hidden_layers must be at least 1, got {args.num_hidden_layers}")
     old_heads = config.num_attention_heads
@@ -209,17 +225,22 @@ def create_mini_model(args: MiniModelArgs) -> Path:
     if tokenizer_source is not None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        except (OSError, ValueError) as error:
-            if args.tokenizer_path is not None:
-                raise UserInputError(f"could not load the tokenizer {tokenizer_source!r} ({error}); pass a "
-                                     f"local tokenizer folder with --tokenizer_path") from None
-            print(f"note: no tokenizer saved: loading one from {tokenizer_source} failed ({error})",
+        except Exception as error:  # noqa: BLE001 — corrupt files raise anything from the tokenizers library
+            if args.tokenizer_path is not None or Path(tokenizer_source).is_dir():
+                raise UserInputError(f"could not load the tokenizer in {tokenizer_source!r} ({_one_line(error)}); "
+                                     f"its files are partial or corrupt: restore them, or pass a working "
+                                     f"tokenizer folder with --tokenizer_path") from None
+            print(f"note: no tokenizer saved: loading one from {tokenizer_source} failed ({_one_line(error)})",
                   file=sys.stderr)
     config = build_mini_config(source_config, args, tokenizer)
 
     torch.manual_seed(args.seed)
     # Initialise in float32 and cast afterwards, so a bfloat16 mini model is the rounded float32 one.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as error:  # noqa: BLE001 — an inconsistent config fails somewhere inside the model's init
+        raise UserInputError(f"cannot build a {config.model_type} causal LM from this config ({_one_line(error)}); "
+                             f"check the size flags and the source config") from None
     model = model.to(getattr(torch, args.dtype))
     model.config.dtype = getattr(torch, args.dtype)
 
