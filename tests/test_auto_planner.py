@@ -66,6 +66,11 @@ def test_layers_share_one_plan(mini_graph):
     for j in range(st.length):
         assert plan.split_of(st.starts[0] + j) == plan.split_of(st.starts[1] + j)
     assert plan.name == "auto" and "auto" in POLICIES
+    # Provenance: the plan carries the search that chose it, and its runner-ups.
+    assert plan.search.best.plan is plan and plan.runner_ups == plan.search.candidates[1:]
+    assert all(c.estimate.step_s >= plan.search.best.estimate.step_s for c in plan.runner_ups)
+    builtin = POLICIES["tp"](mini_graph, PolicyContext(2))
+    assert builtin.name == "tp" and builtin.search is None and builtin.runner_ups == []
 
 
 def _peak_gb(graph, plan_ngpus: int) -> float:
