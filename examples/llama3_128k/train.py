@@ -211,7 +211,8 @@ def _init_weights(module: object, args: TrainArgs) -> None:
     with torch.no_grad():
         for lp in module.local_parameters():
             if len(lp.full_shape) == 1:
-                lp.param.fill_(1.0)  # norm weights
+                # Norm weights 1, biases (attention, MLP, LayerNorm, output head: Qwen, Phi, GPT-NeoX) 0.
+                lp.param.fill_(0.0 if lp.name.endswith("bias") else 1.0)
                 continue
             # The same full tensor on every rank, sliced: shards of one parameter stay consistent.
             gen = torch.Generator(device=device)
