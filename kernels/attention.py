@@ -30,6 +30,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -288,6 +289,10 @@ def _flex_mask_mod(causal: bool, window: int | None, document_ids: torch.Tensor 
     return mask_mod
 
 
+# The last document block mask: (weak reference to its document_ids tensor, arguments, mask).
+_DOCUMENT_MASK: dict[str, tuple[Any, tuple, Any]] = {}
+
+
 @functools.lru_cache(maxsize=16)
 def _shared_block_mask(q_len: int, kv_len: int, causal: bool, window: int | None, device: torch.device) -> Any:
     """The block mask of a causal/window pattern, built once per shape (every layer reuses it)."""
@@ -303,9 +308,15 @@ def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
     q_len, kv_len = query.shape[2], key.shape[2]
     if document_ids is not None:
-        # _compile=True builds the block mask block by block: no dense L x S mask at long context.
-        block_mask = create_block_mask(_flex_mask_mod(causal, window, document_ids), document_ids.shape[0], None,
-                                       q_len, kv_len, device=query.device, _compile=True)
+        key_ = (causal, window, q_len, kv_len, document_ids._version)
+        cached = _DOCUMENT_MASK.get("entry")
+        if cached is not None and cached[0]() is document_ids and cached[1] == key_:
+            block_mask = cached[2]  # every layer of one forward passes the same document_ids tensor
+        else:
+            # _compile=True builds the block mask block by block: no dense L x S mask at long context.
+            block_mask = create_block_mask(_flex_mask_mod(causal, window, document_ids), document_ids.shape[0], None,
+                                           q_len, kv_len, device=query.device, _compile=True)
+            _DOCUMENT_MASK["entry"] = (weakref.ref(document_ids), key_, block_mask)
     elif causal or window is not None:
         block_mask = _shared_block_mask(q_len, kv_len, causal, window, query.device)
     else:

@@ -215,3 +215,18 @@ def test_hf_models_with_dimshard_attention_match_eager(family):
     model.set_attn_implementation("eager")
     torch.testing.assert_close(packed[0, 7:], model(input_ids=ids[:1, 7:]).logits[0])
     torch.testing.assert_close(packed[0, :7], model(input_ids=ids[:1, :7]).logits[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window, softcap, docs", [(None, 2.0, False), (7, None, False), (9, 3.0, True)])
+def test_flex_attention_path_matches_reference(window, softcap, docs):
+    """The GPU variant path (FlexAttention: block mask, score_mod), compiled on the CPU (forward only there)."""
+    from dimshard.kernels.attention import _flex_attention, attention_reference
+
+    q, k, v = _qkv(2, 4, 2, 128, 128, 16)
+    document_ids = torch.cat([torch.zeros(2, 50, dtype=torch.long), torch.ones(2, 78, dtype=torch.long)], 1)
+    document_ids = document_ids if docs else None
+    ours = _flex_attention(q, k, v, 0.25, True, window, softcap, document_ids)
+    ref = attention_reference(q, k, v, scale=0.25, causal=True, window=window, softcap=softcap,
+                              document_ids=document_ids)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
