@@ -667,6 +667,7 @@ def _register_breadth_rules() -> None:
     # ``w.T`` of a 2-d weight (Falcon's linear layers); generated code writes it ``t(w)``.
     set_rule("torch.Tensor.T.__get__", _transpose_2d, cost="view", substitute="torch.t")
     set_rule("torch.functional.split", get_rule("torch.split"))
+    set_rule("torch.scalar_tensor", _factory)  # CPM-Ant's masked fill value
     set_rule(["torch.Tensor.index_select", "torch.index_select"], _index_select)
     for name in ["torch.Tensor.expand_as", "torch.Tensor.view_as", "torch.Tensor.reshape_as"]:
         set_rule(name, _with_shape_operand(get_rule(name)))

@@ -56,12 +56,8 @@ OTHER = {
         "dots3_note", "qwen4_exp", "minimax_m3_vl_text", "gemma4_assistant", "gemma4_unified_assistant")},
     "bloom": "ALiBi position biases: dimshard's attention takes no additive bias",
     "mpt": "ALiBi position biases: dimshard's attention takes no additive bias",
-    "gpt_neox_japanese": "attention with a learned additive bias after the scores (baddbmm with a bias tensor)",
     "granite_swa": "attention sinks (s_aux): dimshard's attention has no sink logits",
     "dory": "a per-word learned logit scale in the output head: the chunked loss takes one scalar",
-    "diffllama": "differential attention (two softmaxes per head, subtracted): not one attention op",
-    "cpmant": "position biases added to the attention scores: dimshard's attention takes no additive bias",
-    "xglm": "sinusoidal positions offset by padding (index_select on a table built at run time)",
 }
 
 
@@ -84,6 +80,8 @@ KNOWN_GAPS = {
                 "initial state differs",
     "trocr": "a parameter the training loss never reaches gets no gradient, which the runtime does not expect",
     "cohere_compass_text": "its config builds no model at other sizes (rotary parameters per layer type)",
+    "cpmant": "its own attention (scores plus a relative position bias, masked_fill with 0-d tensors) compiles, "
+              "but the loss under tp differs from Hugging Face's: not yet explained",
 }
 
 

@@ -267,6 +267,7 @@ def _annotation(name: str, inputs: list[tuple[int, ...]], outputs: list[tuple[in
     # Binary max/min are elementwise (a dim argument makes them reductions).
     ("torch.max", [(2, 8), (2, 8)], [(2, 8)], (), "d0 d1, d0 d1 -> d0 d1"),
     ("torch.Tensor.index_select", [(64, 16), (8,)], [(8, 16)], (0,), "d0^ d1, s^ -> s^ d1"),
+    ("torch.scalar_tensor", [], [()], (0.0,), " -> "),  # a 0-d factory (CPM-Ant's fill value)
 ])
 def test_breadth_op_rules(name, inputs, outputs, args, expected):
     assert _annotation(name, inputs, outputs, *args) == expected
