@@ -72,9 +72,6 @@ KNOWN_GAPS = {
                   "row-split it (tp_sp and auto can)",
     "jais2": "biased o_proj: a linear with a bias keeps its input dim whole, so policy tp cannot row-split it",
     "ctrl": "generated code passes a numpy scalar it does not import (NameError at run time)",
-    "gemma4_text": "under attn_implementation='dimshard' its hidden states differ from Hugging Face's by about "
-                   "1e-6 from the first layer on, in float64 too (the loss by up to 3e-5): cause not found yet",
-    "gemma4_unified_text": "as gemma4_text: differs by about 1e-5 relative under attn_implementation='dimshard'",
     "hrm_text": "recurrent reasoning cycles run partly without gradient; the compiled gradient of its "
                 "initial state differs",
     "trocr": "a parameter the training loss never reaches gets no gradient, which the runtime does not expect",
