@@ -16,15 +16,44 @@ from typing import Any
 import torch
 
 
+def _same_code(fn: Any, reference: Any) -> bool:
+    """Whether ``fn`` runs ``reference``'s code: transformers copies Llama's blocks into other families verbatim,
+    and a family whose block differs (Gemma's ``x * (1 + w)`` norm, Cohere's interleaved rotary, partial rotary)
+    must keep its own ops, since the fused kernels compute Llama's function."""
+    code, ref = getattr(fn, "__code__", None), getattr(reference, "__code__", None)
+    if code is None or ref is None:
+        return False
+
+    def key(c: Any) -> tuple:
+        return c.co_code, c.co_names, c.co_varnames, tuple(x for x in c.co_consts if not isinstance(x, str))
+
+    return key(code) == key(ref)
+
+
+def _llama() -> Any:
+    from transformers.models.llama import modeling_llama
+
+    return modeling_llama
+
+
 def _is_rms_norm(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and hasattr(module, "weight") and (
-        hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
+        hasattr(module, "variance_epsilon") or hasattr(module, "eps")) and _same_code(
+        type(module).forward, _llama().LlamaRMSNorm.forward)
 
 
 def _is_swiglu_mlp(module: torch.nn.Module) -> bool:
     config = getattr(module, "config", None)
     return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-            and getattr(config, "hidden_act", None) == "silu")
+            and getattr(config, "hidden_act", None) == "silu"
+            and _same_code(type(module).forward, _llama().LlamaMLP.forward))
+
+
+def _is_llama_rotary(source: Any, function: Any) -> bool:
+    """``apply_rotary_pos_emb`` (and the ``rotate_half`` it calls) of ``source`` are Llama's."""
+    llama = _llama()
+    return _same_code(function, llama.apply_rotary_pos_emb) and _same_code(
+        getattr(source, "rotate_half", None), llama.rotate_half)
 
 
 @contextlib.contextmanager
@@ -47,7 +76,8 @@ def fused_kernels(model: torch.nn.Module) -> Iterator[list[str]]:
             fused.append(f"{name}: swiglu")
         source = sys.modules.get(type(module).__module__)
         original = getattr(source, "apply_rotary_pos_emb", None) if source is not None else None
-        if original is not None and not any(s is source for s, _, _ in patched_functions):
+        if (original is not None and not any(s is source for s, _, _ in patched_functions)
+                and _is_llama_rotary(source, original)):
 
             def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        *args: Any, _original: Any = original, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:

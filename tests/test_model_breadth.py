@@ -2,7 +2,8 @@
 
 The families come from transformers' own causal-LM list (tests/model_families.py sorts them into
 dense, mixture-of-experts and other). For each dense family a tiny randomly initialised model is
-traced and compiled with dimshard's attention and chunked loss under tp and tp_sp for 2 ranks;
+traced and compiled with dimshard's attention and chunked loss under tp and tp_sp (with the fused
+kernels, as train.py traces on GPU) for 2 ranks;
 one launch of 2 gloo processes then runs every compiled model once, and each loss and merged
 gradient must equal the Hugging Face model's own (one process; its sdpa attention, or eager where it
 has none) within fp32 tolerance. Mixture-of-experts families must be refused at compile time with planner.hf's message.
@@ -71,7 +72,9 @@ def _compile_family(model_type: str, workdir: Path, input_ids: torch.Tensor) -> 
     jobs = []
     for policy in POLICIES:
         out = workdir / policy
-        config = CompileConfig(plan_ngpus=2, policy=policy, loss="chunked_cross_entropy", loss_chunk_size=5)
+        # tp_sp traces with the fused kernels, as train.py does on GPU: each fusion must keep the family's values.
+        config = CompileConfig(plan_ngpus=2, policy=policy, loss="chunked_cross_entropy", loss_chunk_size=5,
+                               fused_kernels=policy == "tp_sp")
         compile_model(ours, {"input_ids": input_ids, "labels": input_ids.clone()}, out, config)
         jobs.append((str(out), str(workdir / "weights.safetensors")))
     loss = reference(input_ids=input_ids, labels=input_ids.clone(), use_cache=False).loss
