@@ -21,7 +21,7 @@ and across nodes, and it holds the least memory; "allgather" runs 1% less comput
 per rank instead of P) but exposes its final reduce-scatter, and across nodes its gather too.
 Measured on one H200 (benchmarks/context_parallel_blocks.py, 128K tokens, Llama-3-8B heads,
 bf16): every block of an 8-way split, forward and backward, takes 1.045x (ring) and 1.035x
-(allgather) one monolithic cuDNN causal call. docs/design.md ("Sequence-split attention") has
+(allgather) one monolithic cuDNN causal call. docs/context_parallel.md ("Cost") has
 the arithmetic.
 """
 
