@@ -9,6 +9,7 @@ same as the eager modules' (each kernel is tested against them); the model is re
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,8 @@ def _same_code(fn: Any, reference: Any) -> bool:
     """Whether ``fn`` runs ``reference``'s code: transformers copies Llama's blocks into other families verbatim,
     and a family whose block differs (Gemma's ``x * (1 + w)`` norm, Cohere's interleaved rotary, partial rotary)
     must keep its own ops, since the fused kernels compute Llama's function."""
+    # Decorators (deprecation shims, hub kernels) wrap the function: compare what they wrap.
+    fn, reference = inspect.unwrap(fn) if callable(fn) else fn, inspect.unwrap(reference)
     code, ref = getattr(fn, "__code__", None), getattr(reference, "__code__", None)
     if code is None or ref is None:
         return False
