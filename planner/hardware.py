@@ -40,6 +40,12 @@ class HardwareProfile:
     device: str = ""
     estimated: tuple[str, ...] = ()
     source: str = ""
+    # CPU offload (planner/offload_cost.py): pinned host-device copy rates (10^9 bytes/s), the CPU
+    # AdamW rate (10^9 elements/s) and host RAM per node (10^9 bytes); 0 / None: unknown.
+    h2d_gbps: float = 0.0
+    d2h_gbps: float = 0.0
+    cpu_adam_gelems: float = 0.0
+    host_memory_gb: float | None = None
     # Where nodes end (planner/topology.py): GPUs per node, and the inter-node bandwidth per GPU in
     # gigabits/s (400: one 400G InfiniBand NIC per GPU) with its extra latency.
     gpus_per_node: int = 8
@@ -61,6 +67,8 @@ class HardwareProfile:
             copy_gbps=float(d["copy_gbps"]), busbw_gbps=dict(d["busbw_gbps"]), alpha_us=dict(d["alpha_us"]),
             kernel_launch_us=float(d.get("kernel_launch_us", 0.0)), memory_gb=d.get("memory_gb"),
             device=d.get("device", ""), estimated=tuple(d.get("estimated", ())), source=d.get("source", ""),
+            h2d_gbps=float(d.get("h2d_gbps", 0.0)), d2h_gbps=float(d.get("d2h_gbps", 0.0)),
+            cpu_adam_gelems=float(d.get("cpu_adam_gelems", 0.0)), host_memory_gb=d.get("host_memory_gb"),
             gpus_per_node=int(d.get("gpus_per_node", 8)), internode_gbps=float(d.get("internode_gbps", 400.0)),
             internode_alpha_us=float(d.get("internode_alpha_us", 10.0)),
         )
@@ -70,6 +78,8 @@ class HardwareProfile:
         return {"name": self.name, "device": self.device, "memory_gb": self.memory_gb,
                 "matmul_tflops": self.matmul_tflops, "attention_tflops": self.attention_tflops,
                 "copy_gbps": self.copy_gbps, "busbw_gbps": self.busbw_gbps, "alpha_us": self.alpha_us,
+                "h2d_gbps": self.h2d_gbps, "d2h_gbps": self.d2h_gbps, "cpu_adam_gelems": self.cpu_adam_gelems,
+                "host_memory_gb": self.host_memory_gb,
                 "kernel_launch_us": self.kernel_launch_us, "estimated": list(self.estimated), "source": self.source,
                 "gpus_per_node": self.gpus_per_node, "internode_gbps": self.internode_gbps,
                 "internode_alpha_us": self.internode_alpha_us}

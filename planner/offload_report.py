@@ -39,13 +39,13 @@ def report_lines(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwa
     host_budget = host_budget_bytes(extra, hw)
     budget = f" (host budget {host_budget / GB:.1f} GB per rank)" if host_budget is not None else ""
     lines = ["## CPU offload", "", "| | per rank |", "|---|---|",
-             f"| GPU peak | {est.peak_bytes / GB:.2f} GB |",
-             f"| host memory held | {est.host_bytes / GB:.2f} GB{budget} |"]
+             f"| GPU peak | {est.peak_bytes / GB:.3g} GB |",
+             f"| host memory held | {est.host_bytes / GB:.3g} GB{budget} |"]
     rates = OffloadRates.of(hw)
     if plan.offload_optimizer:
         elements, param_bytes = owned_state(graph, resolved, dp_size, zero)
         device, seconds = optimizer_update_seconds(elements, param_bytes, 0.0, rates)
-        lines.append(f"| optimizer state | in host memory, {12 * elements / GB:.2f} GB; update estimated at "
+        lines.append(f"| optimizer state | in host memory, {12 * elements / GB:.3g} GB; update estimated at "
                      f"{seconds * 1e3:.0f} ms on the {device.upper()} (the runtime times both and takes the faster) |")
     else:
         lines.append("| optimizer state | on the GPU |")

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ..cli import parse_dataclass_args
 from .collectives import COLLECTIVES_TABLE
 from .hardware import COLLECTIVES, load_hw_profile
+from .offload_profile import measure_offload_rates
 
 
 @dataclass
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         "busbw_gbps": busbw,
         "alpha_us": alpha,
         "kernel_launch_us": round(measure_launch(args.iters), 2),
+        # Pinned host-device copies, the CPU AdamW rate and MemTotal (planner/offload_profile.py).
+        **measure_offload_rates(iters=min(args.iters, 10)),
         "estimated": estimated,
         "source": (f"measured {started} by python -m dimshard.planner.profile_hw (torch {torch.__version__}): "
                    f"matmul {args.matmul_size}^3, causal sdpa seq {args.attention_seq_len} heads "
