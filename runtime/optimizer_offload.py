@@ -179,13 +179,8 @@ class HostAdamState:
         def fetch(k: int) -> None:
             chunk = chunks[k]
             stage = grad_stage[k % 2]
-            with torch.cuda.stream(down) if down is not None else _null():
-                for s in chunk.segments:
-                    stage[s.at:s.at + s.stop - s.start].copy_(grads[s.piece][s.start:s.stop], non_blocking=True)
-                if down is not None:
-                    event = torch.cuda.Event()
-                    event.record(down)
-                    fetched[k] = event
+            fetched[k] = _copies_on(down, [(stage[s.at:s.at + s.stop - s.start], grads[s.piece][s.start:s.stop])
+                                           for s in chunk.segments])
 
         if chunks:
             fetch(0)
@@ -207,13 +202,8 @@ class HostAdamState:
                 sent[k % 2].synchronize()  # chunk k-2's parameters have left this buffer
             for s, m, n in zip(segs, masters, lengths):
                 out[s.at:s.at + n].copy_(m)
-            with torch.cuda.stream(up) if up is not None else _null():
-                for s, n in zip(segs, lengths):
-                    params[s.piece][s.start:s.stop].copy_(out[s.at:s.at + n], non_blocking=True)
-                if up is not None:
-                    event = torch.cuda.Event()
-                    event.record(up)
-                    sent[k % 2] = event
+            sent[k % 2] = _copies_on(up, [(params[s.piece][s.start:s.stop], out[s.at:s.at + n])
+                                          for s, n in zip(segs, lengths)])
         if up is not None:
             compute.wait_stream(up)
             for event in sent:
@@ -235,15 +225,9 @@ class HostAdamState:
         def load(k: int) -> None:
             chunk = chunks[k]
             n = chunk.hi - chunk.lo
-            with torch.cuda.stream(up) if up is not None else _null():
-                if up is not None and k >= 2:
-                    up.wait_event(stored[k - 2])  # that staging buffer's values have gone back to the host
-                for stage, host in zip(stages, hosts):
-                    stage[k % 2][:n].copy_(host[chunk.lo:chunk.hi], non_blocking=True)
-                if up is not None:
-                    event = torch.cuda.Event()
-                    event.record(up)
-                    loaded[k] = event
+            # After k-2's values have gone back to the host from that staging buffer.
+            loaded[k] = _copies_on(up, [(stage[k % 2][:n], host[chunk.lo:chunk.hi]) for stage, host in zip(stages, hosts)],
+                                   after=stored[k - 2] if k >= 2 else None)
 
         if chunks:
             load(0)
@@ -261,25 +245,31 @@ class HostAdamState:
                         [exp_avg[a:b] for a, b in views], [exp_avg_sq[a:b] for a, b in views], segs, hyper)
             for s, m in zip(segs, masters):
                 params[s.piece][s.start:s.stop].copy_(m)
-            with torch.cuda.stream(down) if down is not None else _null():
-                if down is not None:
-                    down.wait_stream(compute)
-                for stage, host in zip((master, exp_avg, exp_avg_sq), hosts):
-                    host[chunk.lo:chunk.hi].copy_(stage, non_blocking=True)
-                if down is not None:
-                    event = torch.cuda.Event()
-                    event.record(down)
-                    stored[k] = event
+            if down is not None:
+                down.wait_stream(compute)  # after this chunk's update
+            stored[k] = _copies_on(down, [(host[chunk.lo:chunk.hi], stage)
+                                          for stage, host in zip((master, exp_avg, exp_avg_sq), hosts)])
         if down is not None:
             down.synchronize()  # host state complete (checkpoints read it next)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def _copies_on(stream, copies: list[tuple[torch.Tensor, torch.Tensor]], after=None):
+    """``dst.copy_(src)`` for each pair, queued on ``stream`` after event ``after``; the event marking their end.
 
-    def __exit__(self, *exc) -> None:
+    ``stream`` None (no CUDA): plain copies, no event.
+    """
+    if stream is None:
+        for dst, src in copies:
+            dst.copy_(src)
         return None
+    with torch.cuda.stream(stream):
+        if after is not None:
+            stream.wait_event(after)
+        for dst, src in copies:
+            dst.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return event
 
 
 def choose_update_device(state: HostAdamState, params: Sequence[torch.Tensor], *, probe_chunks: int = 2,
