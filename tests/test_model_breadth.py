@@ -371,3 +371,17 @@ def test_train_compiles_another_family_from_a_local_folder(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     code = (tmp_path / "compile" / "gencode" / "rank1.py").read_text()
     assert "from dimshard.kernels.attention import attention" in code and "softcap=" in code
+
+
+def test_breadth_benchmark_runs_on_cpu(tmp_path):
+    import json
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "model_breadth.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--seq_len", "32", "--num_layers",
+                          "2", "--families", "mistral,gemma2,stablelm", "--compile_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["family"] for r in records] == ["mistral", "gemma2", "stablelm"]
+    assert all("error" not in r and r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in records), records
