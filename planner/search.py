@@ -60,8 +60,8 @@ from .offload_search import no_fit_message, offload_candidates
 from .placement_problem import PlacementProblem, Weights
 from .plan import Mesh, Plan, PlanError, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, recompute_scopes, register_policy
+from .sequence_split import has_sequence_split_choices, sequence_split_axis
 from .sequence_split import not_offered as sequence_split_not_offered
-from .sequence_split import sequence_split_axis
 from .solver import MAX_TABLE_ENTRIES, elimination_order, minimize
 from .topology import node_ordered_meshes
 
@@ -228,6 +228,12 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
             with sequence_split_not_offered():  # its choices made this mesh too entangled: plan it without them
                 problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero)
         solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated)
+        if len(shape) == 1 and shape[0] <= hw.gpus_per_node and has_sequence_split_choices(problem):
+            # Within a node heads-only plans compete closely; the Lagrangian sweep finds one plan per memory
+            # weight, so the extra choices can hide a better one: sweep this mesh without them as well.
+            with sequence_split_not_offered():
+                problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero)
+            solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated)
     for c in offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate):
         evaluated.setdefault((*_signature(c.plan), c.plan.offload_optimizer, tuple(c.plan.offload_scopes)), c)
     ranked = sorted(evaluated.values(),

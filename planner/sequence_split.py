@@ -172,6 +172,11 @@ def extra_split_names(op: Op) -> list[str]:
     return [name] if name is not None and _annotations(op)[1] is not None else []
 
 
+def has_sequence_split_choices(problem: Any) -> bool:
+    """Whether a search problem (``placement_problem.PlacementProblem``) offers some op a sequence split."""
+    return any(sequence_split_axis(v.op, split, problem.mesh) is not None for v in problem.vars for split in v.splits)
+
+
 @contextlib.contextmanager
 def not_offered() -> Iterator[None]:
     """Inside this context the search is offered no sequence split (for a mesh whose layer problem
