@@ -166,9 +166,6 @@ def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwar
     from .sequence_split_cost import report_lines as sequence_split_lines
 
     lines += sequence_split_lines(graph, resolved, hw, ops)
-    from .sequence_split_cost import report_lines as sequence_split_lines
-
-    lines += sequence_split_lines(graph, resolved, hw, ops)
     in_layer = [c for c in est.collectives if root is not None and (
         graph.ops[c.op_index].scope == root or graph.ops[c.op_index].scope.startswith(root + "."))]
     lines += [f"## Collectives of {root or 'the graph'}", ""]
