@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
         with Path(args.json_out).open("a") as f:
             f.write(json.dumps(record) + "\n")
     reducer.close()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return record
 
 
