@@ -58,3 +58,10 @@ def apply_offload_request(graph: Graph, plan: Plan, extra: Mapping[str, Any] | N
 def offload_manifest(plan: Plan) -> dict[str, Any]:
     """The ``offload`` entry of plan.json: ``{"optimizer": bool, "activation_scopes": [...]}``."""
     return {"optimizer": bool(plan.offload_optimizer), "activation_scopes": list(plan.offload_scopes)}
+
+
+def with_offload_of(plan: Plan, source: Plan) -> Plan:
+    """``plan`` with the offloads of ``source`` (for plans rebuilt from another, e.g. with renamed axes)."""
+    plan.offload_optimizer = source.offload_optimizer
+    plan.offload_scopes = list(source.offload_scopes)
+    return plan
