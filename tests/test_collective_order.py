@@ -60,13 +60,13 @@ def test_generated_plans_issue_collectives_in_one_order(tmp_path, policy, world)
     from parallel_harness import mini_llama_config, save_weights
     from transformers import LlamaForCausalLM
 
-    from dimshard.planner.compile import compile_model
+    from dimshard.planner import CompileConfig, compile_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(mini_llama_config())
     input_ids = torch.randint(0, 128, (2, 16))
     compile_model(model, {"input_ids": input_ids, "labels": input_ids.clone()}, tmp_path / "out",
-                  plan_ngpus=world, policy=policy, recompute="layer")
+                  CompileConfig(plan_ngpus=world, policy=policy, recompute="layer"))
     save_weights(model, tmp_path / "w.safetensors")
     counts = run_distributed(_plan_step_is_consistent, world, str(tmp_path / "out"),
                              str(tmp_path / "w.safetensors"), input_ids)
