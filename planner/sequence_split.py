@@ -65,11 +65,8 @@ _OFFERED = [True]  # whether extra_split_names offers the split (see not_offered
 
 
 def is_attention(op: Op) -> bool:
-    """Whether ``op`` is an attention op (torch's sdpa, or a registered op of the attention cost class)."""
-    if op.name == SDPA:
-        return True
-    record = getattr(op, "record", None)
-    return getattr(record, "cost", None) == "attention"
+    """Whether ``op`` is an attention op: its record's cost class is attention (torch's sdpa, dimshard's op)."""
+    return op.record.cost == "attention"
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,7 @@ def attention_call(op: Op) -> AttentionCall:
     attention op by its keywords (``causal`` (default True), ``scale``, ``window``, ``softcap``,
     ``document_ids``, ``attn_mask``/``mask``, ``dropout_p``).
     """
-    if op.name == SDPA:
+    if op.name == SDPA:  # torch's positional signature; registered attention ops take keywords
         causal = bool(_argument(op, 5, "is_causal", False))
         scale = _argument(op, 6, "scale")
         mask = _argument(op, 3, "attn_mask")
