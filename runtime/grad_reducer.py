@@ -8,7 +8,13 @@ global holders (``ctx.shard_group(unit_ranks)``) followed by a division by ``dp_
 Gradients are accumulated in fp32 buffers owned by the reducer (``main_grad``), whatever the
 parameter dtype: a post-accumulate-grad hook adds ``param.grad`` into the parameter's slot of a
 flat bucket and frees ``param.grad``. So bf16 parameters accumulate micro-batches in fp32, and
-no full-size ``param.grad`` stays alive after its hook ran. Buckets hold shards with the same
+no full-size ``param.grad`` stays alive after its hook ran.
+
+With ``keep_param_dtype`` (plan.json's ``gradients.param_dtype_single_holder``, valid for one
+micro-batch per step only) a shard held by one rank of the whole world keeps its gradient in the
+parameter's dtype instead: nothing is summed into it (one micro-batch, no reduction), so an fp32
+buffer would only hold the widened autograd gradient, and the optimizer widens it itself
+(docs/design.md, "Gradient buffers"). That halves the gradient memory of a one-GPU bf16 run. Buckets hold shards with the same
 holders (one communicator per bucket); when the last shard of a bucket got its gradient on the
 synchronizing micro-step, the bucket's all-reduce is launched asynchronously while backward
 continues.
@@ -39,26 +45,27 @@ class _Bucket:
     group_key: tuple[int, ...]
     members: list[int]  # indices into the reducer's parameter list, in bucket order
     offsets: list[int]  # element offset of each member in ``flat``
-    flat: torch.Tensor  # fp32 gradient buffer; members' main grads are views into it
+    flat: torch.Tensor  # gradient buffer (fp32, or the members' dtype); main grads are views into it
     ready: set[int] = field(default_factory=set)
     work: dist.Work | None = None
 
 
 class GradReducer:
-    """Owns fp32 gradient buffers of local shards and reduces them across holders.
+    """Owns the gradient buffers of local shards and reduces them across holders.
 
     Usage per optimizer step::
 
         for k in range(accumulation_steps):
             with reducer.no_sync() if k < accumulation_steps - 1 else contextlib.nullcontext():
                 (loss / accumulation_steps).backward()
-        grads = reducer.finish()      # reduced fp32 gradients, one per local parameter
+        grads = reducer.finish()      # reduced gradients, one per local parameter
         ...optimizer step...
         reducer.zero_grad()
 
     Requires every rank holding a shard group to list that group's shards in the same order in
     ``local_params`` (the generated modules list parameters in plan order); the constructor checks
     this once with a collective over the whole world, so it must be called on every rank.
+    ``keep_param_dtype``: see the module docstring; the caller guarantees one micro-batch per step.
     """
 
     def __init__(
@@ -66,8 +73,10 @@ class GradReducer:
         local_params: Sequence[LocalParameter],
         ctx: ParallelContext,
         bucket_size_mb: float = 25.0,
+        keep_param_dtype: bool = False,
     ) -> None:
         self.ctx = ctx
+        self.keep_param_dtype = keep_param_dtype
         self.local_params = list(local_params)
         self._sync = True
         self._reduced = False
@@ -97,7 +106,8 @@ class GradReducer:
             size = 0
             for index in indices + [-1]:
                 numel = self.local_params[index].param.numel() if index >= 0 else 0
-                if chunk and (index < 0 or size + numel > bucket_cap):
+                dtype = self._grad_dtype(key, index) if index >= 0 else None
+                if chunk and (index < 0 or size + numel > bucket_cap or dtype != self._grad_dtype(key, chunk[0])):
                     buckets.append(self._make_bucket(key, chunk, bucket_of, grads))
                     chunk, size = [], 0
                 if index >= 0:
@@ -113,6 +123,13 @@ class GradReducer:
             for i, lp in enumerate(self.local_params)
         ]
 
+    def _grad_dtype(self, key: tuple[int, ...], index: int) -> torch.dtype:
+        """The dtype of parameter ``index``'s gradient buffer: its own when nothing is ever summed into it."""
+        single_holder = len(key) == 1 and self.ctx.dp_size == 1
+        if self.keep_param_dtype and single_holder:
+            return self.local_params[index].param.dtype
+        return torch.float32
+
     def _make_bucket(
         self,
         key: tuple[int, ...],
@@ -125,7 +142,7 @@ class GradReducer:
         for index in members:
             offsets.append(total)
             total += self.local_params[index].param.numel()
-        flat = torch.zeros(total, dtype=torch.float32, device=device)
+        flat = torch.zeros(total, dtype=self._grad_dtype(key, members[0]), device=device)
         bucket = _Bucket(key, list(members), offsets, flat)
         for index, offset in zip(members, offsets):
             param = self.local_params[index].param
@@ -161,8 +178,12 @@ class GradReducer:
 
     def _make_hook(self, index: int):
         def hook(param: torch.Tensor) -> None:
+            if self._grads[index].dtype != torch.float32 and index in self._bucket_of[index].ready:
+                raise RuntimeError(f"{self.local_params[index].name} received a second gradient in one backward; "
+                                   "its buffer keeps the parameter dtype and cannot sum exactly: build the reducer "
+                                   "without keep_param_dtype")
             self._grads[index].add_(param.grad)
-            # The fp32 buffer now holds the gradient; dropping param.grad keeps at most one
+            # The buffer now holds the gradient; dropping param.grad keeps at most one
             # parameter-sized gradient alive during backward.
             param.grad = None
             if self._sync:
@@ -185,10 +206,13 @@ class GradReducer:
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Inside, backward only accumulates into the fp32 buffers; nothing is communicated.
+        """Inside, backward only accumulates into the buffers; nothing is communicated.
 
         Use it for every micro-step but the last of an optimizer step.
         """
+        if self.keep_param_dtype:
+            raise RuntimeError("gradients kept in the parameter dtype cannot accumulate micro-batches; build the "
+                               "reducer without keep_param_dtype for gradient accumulation")
         previous, self._sync = self._sync, False
         try:
             yield
@@ -196,11 +220,12 @@ class GradReducer:
             self._sync = previous
 
     def finish(self) -> list[torch.Tensor]:
-        """Complete the reduction and return the reduced fp32 gradients.
+        """Complete the reduction and return the reduced gradients.
 
         Launches buckets whose parameters got no gradient in the last backward (unused shards,
         or a last micro-step run inside ``no_sync``), waits for all, and divides by ``dp_size``.
-        Returns one fp32 tensor per local parameter, in ``local_params`` order, shaped like it:
+        Returns one tensor per local parameter (fp32, or the parameter's dtype under
+        ``keep_param_dtype``), in ``local_params`` order, shaped like it:
         the true gradient of the global batch's mean loss, identical on every holder.
         """
         if self._reduced:
@@ -225,11 +250,11 @@ class GradReducer:
 
     @property
     def grads(self) -> list[torch.Tensor]:
-        """The fp32 gradient buffers (views), one per local parameter; reduced only after finish()."""
+        """The gradient buffers (views), one per local parameter; reduced only after finish()."""
         return list(self._grads)
 
     def zero_grad(self) -> None:
-        """Zero the fp32 buffers and forget which buckets were reduced, ready for the next step."""
+        """Zero the buffers and forget which buckets were reduced, ready for the next step."""
         for buckets in self._buckets_by_group.values():
             for bucket in buckets:
                 if bucket.work is not None:

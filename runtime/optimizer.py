@@ -22,6 +22,10 @@ Offload (``offload=True``): masters and moments of the owned pieces live in page
 runs on the CPU or on the GPU over streamed chunks (``update_device``; ``auto`` times both once at
 construction). Gradients, their norm, clipping and the ZeRO all-gather stay on the device; the
 checkpointed tensors and metadata are the same as without offload.
+
+Gradients may come in the parameters' dtype (single-holder shards of a one-micro-batch step,
+``runtime/grad_reducer.py``); the update widens them to fp32 in bounded temporaries and applies
+the clipping factor to the widened copy, so its arithmetic is that of fp32 gradients.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
 
-from .optimizer_offload import UPDATE_DEVICES, HostAdamState, choose_update_device
+from .optimizer_offload import UPDATE_DEVICES, HostAdamState, choose_update_device, widen_and_scale
 
 if TYPE_CHECKING:
     from .distributed import ParallelContext
@@ -92,6 +96,7 @@ class ZeroAdamW:
         offload: bool = False,
         update_device: str = "auto",
         offload_chunk_numel: int = 2**24,
+        widen_numel: int = 2**26,
     ) -> None:
         self.ctx = ctx
         self.local_params = list(local_params)
@@ -102,6 +107,7 @@ class ZeroAdamW:
         self.step_count = 0  # optimizer updates applied (skipped steps not counted)
         self.skipped_steps = 0
         self._gather_chunk_numel = gather_chunk_numel
+        self._widen_numel = widen_numel
         if update_device not in UPDATE_DEVICES:
             raise ValueError(f"update_device must be one of {UPDATE_DEVICES}, got {update_device!r}")
         self.offload = offload
@@ -180,7 +186,7 @@ class ZeroAdamW:
         squares = torch.zeros((), dtype=torch.float32, device=device)
         pieces = self._grad_pieces(grads)
         if pieces:
-            norms = torch.stack(torch._foreach_norm(pieces)).float()
+            norms = torch.stack(torch._foreach_norm(pieces, 2, dtype=torch.float32))
             weights = torch.tensor(self._norm_weights, dtype=torch.float32, device=norms.device)
             squares = (norms.square() * weights).sum().to(device)
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -193,11 +199,14 @@ class ZeroAdamW:
     def step(self, grads: Sequence[torch.Tensor], lr: float, max_grad_norm: float | None = None) -> StepResult:
         """Clip and apply one AdamW update from reduced gradients; parameters updated on every rank.
 
-        ``grads``: one fp32 tensor per local parameter (``GradReducer.finish()``), the true
-        gradient of the global batch, identical on all holders. They are clipped in place so that
-        the global norm is at most ``max_grad_norm`` (like torch.nn.utils.clip_grad_norm_; None or
-        <= 0 disables). When the global norm is not finite nothing is updated, ``skipped_steps``
-        grows by one and the result says so; every rank takes the same decision.
+        ``grads``: one tensor per local parameter (``GradReducer.finish()``: fp32, or the
+        parameter's dtype for single-holder shards), the true gradient of the global batch,
+        identical on all holders. The update sees them widened to fp32 and scaled so that the
+        global norm is at most ``max_grad_norm`` (like torch.nn.utils.clip_grad_norm_; None or
+        <= 0 disables); fp32 gradients are scaled in place, low-precision ones are widened into
+        bounded fp32 temporaries and left unchanged. When the global norm is not finite nothing is
+        updated, ``skipped_steps`` grows by one and the result says so; every rank takes the same
+        decision.
         """
         if len(grads) != len(self.local_params):
             raise ValueError(f"expected {len(self.local_params)} gradients, got {len(grads)}")
@@ -207,42 +216,49 @@ class ZeroAdamW:
             self.skipped_steps += 1
             return StepResult(grad_norm=norm, skipped=True)
         pieces = self._grad_pieces(grads)
+        scale = None
         if max_grad_norm is not None and max_grad_norm > 0 and pieces:
             # Same arithmetic as torch.nn.utils.clip_grad_norm_.
-            clip_coef = torch.clamp(max_grad_norm / (total_norm + 1e-6), max=1.0)
-            torch._foreach_mul_(pieces, clip_coef.to(pieces[0].device))
+            scale = torch.clamp(max_grad_norm / (total_norm + 1e-6), max=1.0).to(pieces[0].device)
         if self.host_state is not None:
             self.host_state.step(self.update_device, pieces, [self._param_view(p) for p in self._pieces],
                                  step=self.step_count + 1, lr=lr, betas=self.betas, eps=self.eps,
-                                 weight_decay=self.weight_decay)
-            self.step_count += 1
-            self._set_counters(self.step_count, self.skipped_steps)
-            self._all_gather_params()
-            return StepResult(grad_norm=norm, skipped=False)
-        for decay in (True, False):
-            chosen = [i for i, piece in enumerate(self._pieces) if piece.decay == decay]
-            if not chosen:
-                continue
-            adamw(
-                [self._pieces[i].master for i in chosen],
-                [pieces[i] for i in chosen],
-                [self._pieces[i].exp_avg for i in chosen],
-                [self._pieces[i].exp_avg_sq for i in chosen],
-                [],
-                [self._pieces[i].step for i in chosen],
-                amsgrad=False,
-                beta1=self.betas[0],
-                beta2=self.betas[1],
-                lr=lr,
-                weight_decay=self.weight_decay if decay else 0.0,
-                eps=self.eps,
-                maximize=False,
-            )
+                                 weight_decay=self.weight_decay, grad_scale=scale)
+        else:
+            self._update_on_device(pieces, scale, lr)
         self.step_count += 1
-        if self.keep_master and self._pieces:
+        self._set_counters(self.step_count, self.skipped_steps)
+        if self.keep_master and self._pieces and self.host_state is None:
             torch._foreach_copy_([self._param_view(p) for p in self._pieces], [p.master for p in self._pieces])
         self._all_gather_params()
         return StepResult(grad_norm=norm, skipped=False)
+
+    def _update_on_device(self, grad_pieces: list[torch.Tensor], scale: torch.Tensor | None, lr: float) -> None:
+        """AdamW on the device-resident state, in batches whose fp32 gradient copies stay bounded.
+
+        fp32 gradients are used in place (scaled in place when clipping); low-precision ones are
+        widened ``widen_numel`` elements at a time, cutting pieces where needed. AdamW's step
+        counter is passed per call as a fresh tensor holding the step before this one, since a cut
+        piece appears in several calls; ``step`` sets the pieces' counters afterwards.
+        """
+        if scale is not None:
+            wide = [g for g in grad_pieces if g.dtype == torch.float32]
+            if wide:
+                torch._foreach_mul_(wide, scale)
+        for decay in (True, False):
+            for batch in _widening_batches([(i, g) for i, g in enumerate(grad_pieces) if self._pieces[i].decay == decay],
+                                           self._widen_numel):
+                masters, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+                for i, lo, hi in batch:
+                    piece, grad = self._pieces[i], grad_pieces[i][lo:hi]
+                    masters.append(piece.master[lo:hi])
+                    exp_avgs.append(piece.exp_avg[lo:hi])
+                    exp_avg_sqs.append(piece.exp_avg_sq[lo:hi])
+                    grads.append(grad if grad.dtype == torch.float32 else widen_and_scale(grad, scale))
+                steps = [torch.full((), float(self.step_count), dtype=torch.float32, device=m.device) for m in masters]
+                adamw(masters, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=self.betas[0],
+                      beta2=self.betas[1], lr=lr, weight_decay=self.weight_decay if decay else 0.0, eps=self.eps,
+                      maximize=False)
 
     def _grad_pieces(self, grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [grads[p.index].reshape(-1)[p.lo:p.hi] for p in self._pieces]
@@ -381,3 +397,27 @@ class ZeroAdamW:
         self.skipped_steps = skipped_steps
         for piece in self._pieces:
             piece.step.fill_(float(step_count))
+
+
+def _widening_batches(grads: list[tuple[int, torch.Tensor]], limit: int):
+    """Group ``(index, 1-D gradient)`` pairs into lists of ``(index, lo, hi)`` ranges for one update call.
+
+    fp32 gradients join a batch whole; low-precision ones are cut so that each batch widens at
+    most ``limit`` elements to fp32.
+    """
+    batch, widened = [], 0
+    for index, grad in grads:
+        if grad.dtype == torch.float32:
+            batch.append((index, 0, grad.numel()))
+            continue
+        lo = 0
+        while lo < grad.numel():
+            if widened >= limit:
+                yield batch
+                batch, widened = [], 0
+            hi = min(grad.numel(), lo + limit - widened)
+            batch.append((index, lo, hi))
+            widened += hi - lo
+            lo = hi
+    if batch:
+        yield batch

@@ -5,14 +5,16 @@
 in piece order, so a chunk of the owned range is one contiguous slice of each. A step walks the
 owned range in chunks of ``chunk_numel`` elements, in one of two ways:
 
-- ``cpu``: the chunk's gradients are copied to a page-locked staging buffer (side stream), AdamW
-  runs on the CPU (torch's fused CPU kernel, one pass over master, moments and gradient), and the
-  new parameter values, cast on the CPU, are copied back (another side stream). The copy of chunk
-  i+1's gradients and of chunk i-1's parameters overlap the CPU work on chunk i.
+- ``cpu``: the chunk's gradients are copied, in their own dtype, to a page-locked staging buffer
+  (side stream) and widened to fp32 there when they are low precision; AdamW runs on the CPU
+  (torch's fused CPU kernel, one pass over master, moments and gradient), and the new parameter
+  values, cast on the CPU, are copied back (another side stream). The copy of chunk i+1's
+  gradients and of chunk i-1's parameters overlap the CPU work on chunk i.
 - ``gpu``: the chunk's master and moments are copied to a device staging buffer, AdamW runs on the
-  GPU with the gradients in place, the parameter is written from the device master, and master and
-  moments are copied back. Host-to-device copies of chunk i+1 and device-to-host copies of chunk
-  i-1 overlap the update of chunk i (two staging buffers, one copy stream per direction).
+  GPU with fp32 gradients in place (low-precision ones widened into a chunk-sized buffer), the
+  parameter is written from the device master, and master and moments are copied back.
+  Host-to-device copies of chunk i+1 and device-to-host copies of chunk i-1 overlap the update of
+  chunk i (two staging buffers, one copy stream per direction).
 
 ``choose_update_device`` times both on the real buffers (a zero-gradient, zero-lr step of the first
 chunks, which leaves freshly initialised state unchanged) and returns the faster. Without CUDA the
@@ -111,21 +113,28 @@ class HostAdamState:
 
     def step(self, mode: str, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, step: int,
              lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-             chunks: Sequence[_Chunk] | None = None) -> None:
+             grad_scale: torch.Tensor | None = None, chunks: Sequence[_Chunk] | None = None) -> None:
         """Apply AdamW step number ``step`` (1-based) to every owned piece.
 
         ``grads[i]`` and ``params[i]`` are 1-D device views of piece ``i``'s gradient and parameter
-        (any dtype: the parameter receives the fp32 master cast to its dtype). On return the host
-        state is complete and the device parameters are updated as seen by the current stream.
+        (any dtype: the parameter receives the fp32 master cast to its dtype). The update uses each
+        gradient widened to fp32 and multiplied by ``grad_scale`` (a scalar tensor, the clipping
+        factor; None for 1): fp32 gradients are scaled in place, others in an fp32 copy of one chunk.
+        On return the host state is complete and the device parameters are updated as seen by the
+        current stream.
         """
         if mode not in ("cpu", "gpu"):
             raise ValueError(f"update device must be 'cpu' or 'gpu', got {mode!r}")
+        if grad_scale is not None:
+            wide = [g for g in grads if g.dtype == torch.float32 and g.numel()]
+            if wide:
+                torch._foreach_mul_(wide, grad_scale.to(wide[0].device))
         hyper = {"step": step, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         work = self.chunks if chunks is None else chunks
         if mode == "cpu":
-            self._step_cpu(work, grads, params, hyper)
+            self._step_cpu(work, grads, params, hyper, None if grad_scale is None else grad_scale.cpu())
         else:
-            self._step_gpu(work, grads, params, hyper)
+            self._step_gpu(work, grads, params, hyper, grad_scale)
 
     def _adamw(self, masters, grads, exp_avgs, exp_avg_sqs, segments, hyper) -> None:
         """One fused AdamW call per decay group over aligned lists of 1-D tensors."""
@@ -160,11 +169,16 @@ class HostAdamState:
             self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
         return self._streams
 
-    def _step_cpu(self, chunks: Sequence[_Chunk], grads, params, hyper) -> None:
+    def _step_cpu(self, chunks: Sequence[_Chunk], grads, params, hyper, scale) -> None:
         size = max((c.hi - c.lo for c in chunks), default=0)
         if not size:
             return
-        grad_stage = self._buffers("cpu_grad", 2, size, torch.float32, None)
+        # Gradients cross in their own dtype when uniform (bf16 halves the bytes), widened on the CPU.
+        grad_dtypes = {g.dtype for g in grads}
+        grad_dtype = grad_dtypes.pop() if len(grad_dtypes) == 1 else torch.float32
+        grad_stage = self._buffers(f"cpu_grad_{grad_dtype}", 2, size, grad_dtype, None)
+        narrow = any(g.dtype != torch.float32 for g in grads)
+        wide = self._buffers("cpu_grad_wide", 1, size, torch.float32, None)[0] if narrow else None
         dtypes = {p.dtype for p in params}
         param_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         param_stage = self._buffers(f"cpu_param_{param_dtype}", 2, size, param_dtype, None)
@@ -194,7 +208,10 @@ class HostAdamState:
             base = [self.offsets[s.piece] + s.start for s in segs]
             lengths = [s.stop - s.start for s in segs]
             masters = [self.flat_master[b:b + n] for b, n in zip(base, lengths)]
-            self._adamw(masters, [stage[s.at:s.at + n] for s, n in zip(segs, lengths)],
+            chunk_grads = [stage[s.at:s.at + n] if grads[s.piece].dtype == torch.float32
+                           else widen_and_scale(stage[s.at:s.at + n], scale, out=wide[s.at:s.at + n])
+                           for s, n in zip(segs, lengths)]
+            self._adamw(masters, chunk_grads,
                         [self.flat_exp_avg[b:b + n] for b, n in zip(base, lengths)],
                         [self.flat_exp_avg_sq[b:b + n] for b, n in zip(base, lengths)], segs, hyper)
             out = param_stage[k % 2]
@@ -210,10 +227,13 @@ class HostAdamState:
                 if event is not None:
                     event.synchronize()  # the staging buffers are rewritten by the next step
 
-    def _step_gpu(self, chunks: Sequence[_Chunk], grads, params, hyper) -> None:
+    def _step_gpu(self, chunks: Sequence[_Chunk], grads, params, hyper, scale) -> None:
         size = max((c.hi - c.lo for c in chunks), default=0)
         if not size:
             return
+        narrow = any(g.dtype != torch.float32 for g in grads)
+        # One buffer: the widening and the update of a chunk run in order on the compute stream.
+        wide = self._buffers("gpu_grad_wide", 1, size, torch.float32, self.device)[0] if narrow else None
         stages = [self._buffers(f"gpu_{name}", 2, size, torch.float32, self.device)
                   for name in ("master", "exp_avg", "exp_avg_sq")]
         hosts = (self.flat_master, self.flat_exp_avg, self.flat_exp_avg_sq)
@@ -241,7 +261,10 @@ class HostAdamState:
             segs = chunk.segments
             views = [(s.at, s.at + s.stop - s.start) for s in segs]
             masters = [master[a:b] for a, b in views]
-            self._adamw(masters, [grads[s.piece][s.start:s.stop] for s in segs],
+            chunk_grads = [grads[s.piece][s.start:s.stop] if grads[s.piece].dtype == torch.float32
+                           else widen_and_scale(grads[s.piece][s.start:s.stop], scale, out=wide[a:b])
+                           for s, (a, b) in zip(segs, views)]
+            self._adamw(masters, chunk_grads,
                         [exp_avg[a:b] for a, b in views], [exp_avg_sq[a:b] for a, b in views], segs, hyper)
             for s, m in zip(segs, masters):
                 params[s.piece][s.start:s.stop].copy_(m)
@@ -251,6 +274,18 @@ class HostAdamState:
                                           for stage, host in zip((master, exp_avg, exp_avg_sq), hosts)])
         if down is not None:
             down.synchronize()  # host state complete (checkpoints read it next)
+
+
+def widen_and_scale(grad: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad`` as a new fp32 tensor (written into ``out`` when given), multiplied by ``scale`` unless None.
+
+    The product is the one fp32 gradients get from an in-place ``mul_(scale)``: widening is exact.
+    """
+    wide = torch.empty(grad.shape, dtype=torch.float32, device=grad.device) if out is None else out
+    wide.copy_(grad)
+    if scale is not None:
+        wide.mul_(scale)
+    return wide
 
 
 def _copies_on(stream, copies: list[tuple[torch.Tensor, torch.Tensor]], after=None):

@@ -32,7 +32,8 @@ def _train(setup: dict) -> dict:
     local = module.local_parameters()
     optimizer = ZeroAdamW(local, ctx, betas=BETAS, weight_decay=WD, zero=setup.get("zero", True),
                           param_dtype=setup.get("param_dtype"), **setup.get("optimizer_kwargs", {}))
-    reducer = GradReducer(local, ctx, bucket_size_mb=setup.get("bucket_size_mb", 25.0))
+    reducer = GradReducer(local, ctx, bucket_size_mb=setup.get("bucket_size_mb", 25.0),
+                          keep_param_dtype=setup.get("keep_param_dtype", False))
     stream = MicroBatchStream(RowsDataset(token_rows()), micro_batch_size=setup["micro_batch_size"],
                               dp_size=ctx.dp_size, copy_index=ctx.copy_index, seed=0)
     accumulation = setup["accumulation"]
@@ -68,6 +69,7 @@ def _train(setup: dict) -> dict:
         "losses": losses, "norms": norms, "skipped": skipped, "skipped_steps": optimizer.skipped_steps,
         "shards": {lp.name: (lp.slices, lp.param.detach().clone()) for lp in local},
         "masters": masters, "grad_dtypes": {str(g.dtype) for g in reducer.grads}, "launched": launched,
+        "grad_dtype_by_name": {lp.name: str(g.dtype) for lp, g in zip(local, reducer.grads)},
     }
 
 
