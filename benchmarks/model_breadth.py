@@ -95,7 +95,7 @@ def run_family(model_type: str, args: BreadthArgs) -> dict:
     from dimshard.planner import CompileConfig, compile_model
     from dimshard.planner.hf import build_on_meta
     from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer
+    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
     from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
     from dimshard.runtime.module import load_parallel_module, read_plan
     from dimshard.runtime.optimizer import ZeroAdamW
@@ -119,7 +119,7 @@ def run_family(model_type: str, args: BreadthArgs) -> dict:
             lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
     params = module.local_parameters()
     optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype)
-    reducer = GradReducer(params, ctx)
+    reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
     gen = torch.Generator(device=ctx.device).manual_seed(1234)
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:

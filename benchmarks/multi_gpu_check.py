@@ -140,7 +140,7 @@ def run_case(case: Case, dtype_name: str, args: argparse.Namespace, device: torc
     from dimshard.planner.compile import CompileConfig, compile_model
     from dimshard.runtime import collective_order
     from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer
+    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
     from dimshard.runtime.module import load_parallel_module, read_plan
     from dimshard.runtime.optimizer import ZeroAdamW
 
@@ -166,7 +166,7 @@ def run_case(case: Case, dtype_name: str, args: argparse.Namespace, device: torc
     module.load_full_state_dict(torch.load(weights, weights_only=True))
     params = module.local_parameters()
     optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, eps=ADAM_EPS, param_dtype=param_dtype)
-    reducer = GradReducer(params, ctx)
+    reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
     per_copy = args.batch // ctx.dp_size
     batch = ids[ctx.copy_index * per_copy:(ctx.copy_index + 1) * per_copy].to(device)
     lr = 1e-3

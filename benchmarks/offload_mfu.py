@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Compile, train ``warmup + steps`` steps, print and return the result record."""
     args = parse_dataclass_args(OffloadArgs, argv, description=__doc__.split("\n\n")[0])
     from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer
+    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
     from dimshard.runtime.metrics import flops_per_sequence
     from dimshard.runtime.module import load_parallel_module, read_plan
     from dimshard.runtime.optimizer import ZeroAdamW
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=torch.bfloat16 if on_gpu else torch.float32,
                           offload=bool(offload.get("optimizer")), update_device=args.update_device)
     optimizer_init_s = time.perf_counter() - start
-    reducer = GradReducer(params, ctx)
+    reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
     gen = torch.Generator(device=device).manual_seed(1234)
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     if on_gpu:

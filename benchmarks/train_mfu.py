@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     from dimshard.planner import CompileConfig, compile_model
     from dimshard.planner.cost import estimate
     from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer
+    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
     from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
     from dimshard.runtime.module import load_parallel_module, read_plan
     from dimshard.runtime.optimizer import ZeroAdamW
@@ -116,11 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
                                param_dtype=dtype, memory_budget_gb=args.memory_budget_gb,
                                fused_kernels=args.fused_kernels, loss="chunked_cross_entropy",
                                loss_chunk_size=args.loss_chunk_size,
+                               policy_options={"grad_accumulation_steps": args.grad_accumulation_steps},
                                hw_profile=args.hw_profile or (None if cuda else "cpu"))
         result = compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
         compile_seconds = time.perf_counter() - start
         predicted = estimate(result.graph, result.resolved, config.hw_profile,
-                             dp_size=dist.get_world_size() // args.plan_ngpus)
+                             dp_size=dist.get_world_size() // args.plan_ngpus,
+                             accumulation=args.grad_accumulation_steps)
     dist.barrier()
     plan = read_plan(args.compile_dir)
     ctx = init_parallel(plan, backend=None if cuda or args.fake_world_size else "gloo")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
     params = module.local_parameters()
     optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype)
-    reducer = GradReducer(params, ctx)
+    reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, args.grad_accumulation_steps))
     gen = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.copy_index)
     times = []
     if cuda:

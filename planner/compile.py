@@ -16,6 +16,7 @@ import torch
 from .codegen import generate_rank_code, shard_holders, shard_slices
 from .compile_config import CHUNKED_LOSS, FORMAT_VERSION, MODEL_LOSS, CompileConfig
 from .fusion import fused_kernels as fused_kernels_in
+from .gradient_buffers import grad_accumulation_steps, plan_entry
 from .graph import Graph
 from .hardware import load_hw_profile
 from .offload_plan import apply_offload_request, offload_manifest
@@ -97,6 +98,7 @@ def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, com
         "policy": resolved.plan.name,
         "recompute_scopes": list(resolved.plan.recompute_scopes),
         "offload": offload_manifest(resolved.plan),
+        "gradients": plan_entry(grad_accumulation_steps(compile_config.policy_options)),
         "inputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                    for k, v in example_inputs.items()],
         "parameters": params,

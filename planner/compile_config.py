@@ -103,7 +103,8 @@ class CompileConfig:
 
     ``policy`` is a registered policy's name (``planner.policies.register_policy``);
     ``policy_options`` go to it as ``PolicyContext.extra`` (for ``auto``: ``dp_size``, ``zero``,
-    ``mesh_shapes``). ``hw_profile`` names the cost model's hardware profile (a shipped name or a
+    ``mesh_shapes``; for every policy: ``grad_accumulation_steps``, which sets plan.json's
+    ``gradients`` entry). ``hw_profile`` names the cost model's hardware profile (a shipped name or a
     JSON file; None: ``hardware.default_hw_profile()``); its contents, not its name, are
     fingerprinted. ``loss`` says what the traced forward returns: ``"model"`` (the model's own
     loss), ``"chunked_cross_entropy"`` (decoder, then dimshard's chunked linear cross-entropy

@@ -16,7 +16,8 @@ assumed to overlap.
 
 Memory per GPU, at the peak of a training step:
 
-- parameters in their dtype, gradients in the fp32 buffers of ``runtime/grad_reducer.py``, and
+- parameters in their dtype, gradients in the buffers of ``runtime/grad_reducer.py`` (fp32, or the
+  parameter dtype for single-holder shards of a one-micro-batch step: ``planner/gradient_buffers.py``), and
   Adam state (two fp32 moments, plus an fp32 master copy for low-precision parameters: 12 bytes
   per bf16 parameter), the optimizer state divided by ``dp_size`` under ZeRO-1;
 - activations kept for backward. The approximation: an op that has a backward keeps the
@@ -235,11 +236,12 @@ def _region_of(scope: str, regions: list[str]) -> str | None:
 
 
 def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: int = 1, zero: bool = True,
-            regions: list[str] | None = None) -> PlanAnalysis:
+            regions: list[str] | None = None, accumulation: int = 1) -> PlanAnalysis:
     """Cost every op, collective and parameter of a resolved plan once.
 
     ``regions`` are the scopes that may be recomputed (default: the plan's recompute scopes, then
-    the decoder layers); an op belongs to the innermost that contains its scope.
+    the decoder layers); an op belongs to the innermost that contains its scope. ``accumulation``
+    is the number of micro-batches per optimizer step (it decides the gradient buffers' dtype).
     """
     from .layers import decoder_layer_scopes
 
@@ -320,7 +322,7 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         t = graph.tensors[tid]
         placement = resolved.stored[tid]
         state = param_state(numel(local_shape(t.shape, placement, mesh)), t.dtype, replica_count(placement, mesh),
-                            hw, dp_size, zero, replicas_cross_nodes(placement, mesh, hw, dp_size))
+                            hw, dp_size, zero, replicas_cross_nodes(placement, mesh, hw, dp_size), accumulation)
         static["parameters"] += state.parameters
         static["gradients"] += state.gradients
         static["optimizer"] += state.optimizer
@@ -331,11 +333,13 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
 
 
 def estimate(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile | str | None = None, dp_size: int = 1,
-             zero: bool = True) -> Estimate:
+             zero: bool = True, accumulation: int = 1) -> Estimate:
     """Estimated step time (compute / communication split) and peak memory per GPU by category.
 
     ``hw`` is a profile, a profile name or path, or None for ``default_hw_profile()``;
-    ``dp_size`` is the number of data-parallel copies (runtime_ngpus // plan_ngpus).
+    ``dp_size`` is the number of data-parallel copies (runtime_ngpus // plan_ngpus);
+    ``accumulation`` the micro-batches per optimizer step.
     """
     profile = load_hw_profile(hw)
-    return analyze(graph, resolved, profile, dp_size, zero).estimate(list(resolved.plan.recompute_scopes))
+    return analyze(graph, resolved, profile, dp_size, zero,
+                   accumulation=accumulation).estimate(list(resolved.plan.recompute_scopes))

@@ -21,13 +21,13 @@ from .plan import ResolvedPlan
 
 
 def estimate_with_offload(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: HardwareProfile,
-                          dp_size: int = 1, zero: bool = True) -> Estimate:
+                          dp_size: int = 1, zero: bool = True, accumulation: int = 1) -> Estimate:
     """``est`` (of a plan not priced by the search) with the plan's own offloads applied; unchanged without."""
     plan = resolved.plan
     if not (plan.offload_optimizer or plan.offload_scopes) or est.host_bytes:
         return est
     regions = list(dict.fromkeys(decoder_layer_scopes(graph) + list(plan.recompute_scopes)))
-    analysis = analyze_plan(graph, resolved, hw, dp_size, zero, regions=regions)
+    analysis = analyze_plan(graph, resolved, hw, dp_size, zero, regions=regions, accumulation=accumulation)
     return apply_offload(graph, resolved, analysis, list(plan.recompute_scopes), plan.offload_optimizer,
                          plan.offload_scopes, OffloadRates.of(hw), dp_size, zero).estimate
 

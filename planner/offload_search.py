@@ -27,7 +27,7 @@ from .plan import Plan, resolve_placements
 
 def offload_candidates(graph: Graph, evaluated: Mapping[tuple, Any], extra: Mapping[str, Any] | None,
                        hw: HardwareProfile, gpu_budget: float | None, dp_size: int, zero: bool,
-                       make: Callable[[Plan, Estimate, bool, str], Any]) -> list[Any]:
+                       make: Callable[[Plan, Estimate, bool, str], Any], accumulation: int = 1) -> list[Any]:
     """Offloaded candidates (built with ``make(plan, estimate, feasible, note)``) for the evaluated ones.
 
     ``evaluated`` maps signatures to the search's candidates (``.plan``, ``.estimate``,
@@ -47,7 +47,8 @@ def offload_candidates(graph: Graph, evaluated: Mapping[tuple, Any], extra: Mapp
         key = (c.plan.mesh.shape, tuple(sorted(c.plan.splits.items())))
         if key not in analyses:
             resolved = resolve_placements(graph, Plan(c.plan.mesh, dict(c.plan.splits), [], c.plan.name))
-            analyses[key] = (resolved, analyze_plan(graph, resolved, hw, dp_size, zero, regions=regions))
+            analyses[key] = (resolved, analyze_plan(graph, resolved, hw, dp_size, zero, regions=regions,
+                                                          accumulation=accumulation))
         resolved, analysis = analyses[key]
         for v in offload_variants(graph, resolved, analysis, list(c.plan.recompute_scopes), hw, gpu_budget,
                                   host_budget, extra, dp_size, zero):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .collectives import COLLECTIVES_TABLE
+from .gradient_buffers import grad_buffer_bytes
 from .graph import ACTIVATION, INPUT, Graph, Op
 from .hardware import HardwareProfile
 from .plan import Mesh, Shard, TensorPlacement
@@ -208,10 +209,12 @@ class ParamState:
 
 
 def param_state(numel_local: int, dtype: torch.dtype, holders: int, hw: HardwareProfile, dp_size: int = 1,
-                zero: bool = True, crosses_nodes: bool = False) -> ParamState:
+                zero: bool = True, crosses_nodes: bool = False, accumulation: int = 1) -> ParamState:
     """State of a local shard of ``numel_local`` elements held by ``holders`` unit ranks.
 
     Gradients are all-reduced over ``holders * dp_size`` ranks in fp32 (runtime/grad_reducer.py);
+    a shard with a single holder keeps them in its own dtype when a step has one micro-batch
+    (``accumulation``; ``planner/gradient_buffers.py``);
     with ZeRO-1 each copy keeps 1/dp_size of the optimizer state and all-gathers updated parameters.
     ``crosses_nodes`` (``topology.replicas_cross_nodes``): those ranks span nodes, priced at the
     inter-node rate.
@@ -220,7 +223,7 @@ def param_state(numel_local: int, dtype: torch.dtype, holders: int, hw: Hardware
     master = 0 if dtype == torch.float32 else 4
     opt = numel_local * (8 + master) / (dp_size if zero else 1)
     group = holders * dp_size
-    grad_bytes = numel_local * 4.0
+    grad_bytes = grad_buffer_bytes(numel_local, dtype, group, accumulation)
     sync = collective_seconds(hw, "all_reduce", 2 * grad_bytes * (group - 1) / group, group, crosses_nodes)
     if zero and dp_size > 1:
         sync += collective_seconds(hw, "all_gather", numel_local * itemsize * (dp_size - 1) / dp_size, dp_size,

@@ -85,9 +85,9 @@ class PlacementProblem:
     """Variables, domains and factor ingredients for one mesh; ``solve(weights)`` returns a Plan."""
 
     def __init__(self, graph: Graph, structure: LayerStructure | None, mesh: Mesh, hw: HardwareProfile,
-                 dp_size: int, zero: bool) -> None:
+                 dp_size: int, zero: bool, accumulation: int = 1) -> None:
         self.graph, self.structure, self.mesh, self.hw = graph, structure, mesh, hw
-        self.dp_size, self.zero = dp_size, zero
+        self.dp_size, self.zero, self.accumulation = dp_size, zero, accumulation
         self.vars: list[_Var] = []
         self.var_of: dict[int, int] = {}
         for op in graph.ops:
@@ -257,7 +257,7 @@ class PlacementProblem:
                 p = var.ins[s][pos]
                 numel = int(np.prod(local_shape(t.shape, p, self.mesh), dtype=np.int64))
                 st = param_state(numel, t.dtype, replica_count(p, self.mesh), self.hw, self.dp_size, self.zero,
-                                 replicas_cross_nodes(p, self.mesh, self.hw, self.dp_size))
+                                 replicas_cross_nodes(p, self.mesh, self.hw, self.dp_size), self.accumulation)
                 parts["param_s"][s] += st.sync_s + st.optimizer_s
                 parts["param_bytes"][s] += st.parameters + st.gradients + st.optimizer
             if layer_output:

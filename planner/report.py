@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cost import GB, Estimate, estimate
+from .gradient_buffers import grad_accumulation_steps
 from .graph import Graph
 from .hardware import HardwareProfile, load_hw_profile
 from .plan import ResolvedPlan, Shard
@@ -224,10 +225,12 @@ def write_plan_report(graph: Graph, resolved: ResolvedPlan, ctx: PolicyContext, 
         text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, result.candidates, note, extra)
     else:
         hw = load_hw_profile(extra.get("hw_profile"))
-        est = estimate(graph, resolved, hw, int(extra.get("dp_size", 1)), bool(extra.get("zero", True)))
+        dp_size, zero, accumulation = int(extra.get("dp_size", 1)), bool(extra.get("zero", True)), \
+            grad_accumulation_steps(extra)
+        est = estimate(graph, resolved, hw, dp_size, zero, accumulation)
         from .offload_report import estimate_with_offload
 
-        est = estimate_with_offload(graph, resolved, est, hw, int(extra.get("dp_size", 1)), bool(extra.get("zero", True)))
+        est = estimate_with_offload(graph, resolved, est, hw, dp_size, zero, accumulation)
         text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, offload_extra=extra)
     Path(path).write_text(text)
     return text

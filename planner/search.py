@@ -39,7 +39,8 @@ Options read from ``PolicyContext``: ``plan_ngpus``, ``memory_budget_gb`` (10^9 
 limit), ``recompute`` (``auto``: searched; ``none``; ``layer``: every layer; or a comma-separated
 list of scopes, kept as given) and ``extra``: ``hw_profile`` (name, path or HardwareProfile;
 default ``cost.default_hw_profile()``), ``dp_size`` (data-parallel copies, default 1), ``zero``
-(ZeRO-1, default True), ``mesh_shapes`` (the meshes to try, default ``candidate_meshes``).
+(ZeRO-1, default True), ``grad_accumulation_steps`` (micro-batches per optimizer step, default 1:
+``planner/gradient_buffers.py``), ``mesh_shapes`` (the meshes to try, default ``candidate_meshes``).
 The plan ``auto`` returns carries its ``SearchResult`` as ``plan.search`` (the plan report reads it).
 """
 
@@ -52,6 +53,7 @@ import numpy as np
 
 from .cost import GB, Estimate
 from .cost import analyze as analyze_plan
+from .gradient_buffers import grad_accumulation_steps
 from .graph import Graph, Op
 from .hardware import HardwareProfile, load_hw_profile
 from .layers import layer_structure, mlp_scopes
@@ -169,7 +171,7 @@ def _recompute_choices(graph: Graph, mode: str) -> list[list[str]]:
 def _search_mesh(graph: Graph, problem: PlacementProblem, n_layers: int, choices: list[list[str]], budget: float | None,
                  solve_ks: list[int], evaluated: dict[tuple, Candidate]) -> int:
     """Solve one mesh's problem for each recompute weight and memory weight; add candidates; return #solves."""
-    hw, dp_size, zero = problem.hw, problem.dp_size, problem.zero
+    hw, dp_size, zero, accumulation = problem.hw, problem.dp_size, problem.zero, problem.accumulation
     regions = list(dict.fromkeys(decoder_layer_scopes(graph) + [s for c in choices for s in c]))
     shape = problem.mesh.shape
     solves = 0
@@ -179,7 +181,8 @@ def _search_mesh(graph: Graph, problem: PlacementProblem, n_layers: int, choices
             lam = lambdas.pop(0)
             plan, _ = problem.solve(Weights(max(n_layers, 1), k, lam))
             solves += 1
-            analysis = analyze_plan(graph, resolve_placements(graph, plan), hw, dp_size, zero, regions=regions)
+            analysis = analyze_plan(graph, resolve_placements(graph, plan), hw, dp_size, zero, regions=regions,
+                                    accumulation=accumulation)
             fastest = None
             for scopes in choices:
                 est = analysis.estimate(scopes)
@@ -209,6 +212,7 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
     extra = ctx.extra or {}
     hw = load_hw_profile(extra.get("hw_profile"))
     dp_size, zero = int(extra.get("dp_size", 1)), bool(extra.get("zero", True))
+    accumulation = grad_accumulation_steps(extra)
     budget = ctx.memory_budget_gb * GB if ctx.memory_budget_gb is not None else None
     structure = layer_structure(graph)
     n_layers = len(structure.scopes) if structure else 0
@@ -222,19 +226,19 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
     solves = 0
     for shape in shapes:
         mesh = Mesh(tuple(f"axis{i}" for i in range(len(shape))), shape)
-        problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero)
+        problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
         problem.order = elimination_order([len(v.splits) for v in problem.vars], [f.scope for f in problem.factors])
         if problem.order[1] > MAX_TABLE_ENTRIES:
             with sequence_split_not_offered():  # its choices made this mesh too entangled: plan it without them
-                problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero)
+                problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
         solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated)
         if len(shape) == 1 and shape[0] <= hw.gpus_per_node and has_sequence_split_choices(problem):
             # Within a node heads-only plans compete closely; the Lagrangian sweep finds one plan per memory
             # weight, so the extra choices can hide a better one: sweep this mesh without them as well.
             with sequence_split_not_offered():
-                problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero)
+                problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
             solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated)
-    for c in offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate):
+    for c in offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate, accumulation):
         evaluated.setdefault((*_signature(c.plan), c.plan.offload_optimizer, tuple(c.plan.offload_scopes)), c)
     ranked = sorted(evaluated.values(),
                     key=lambda c: (not c.feasible, c.estimate.step_s if c.feasible else c.estimate.peak_bytes))

@@ -23,9 +23,10 @@ continues.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -273,3 +274,18 @@ class GradReducer:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+
+def keeps_param_dtype(plan: Mapping[str, Any], accumulation: int) -> bool:
+    """Whether this run's reducer may keep single-holder gradients in the parameter dtype.
+
+    True when plan.json's ``gradients.param_dtype_single_holder`` says the plan was priced that
+    way and the run has one micro-batch per step (``accumulation``). A plan priced that way run
+    with accumulation keeps fp32 buffers (exact, but above the plan's memory estimate) and warns.
+    """
+    priced = bool((plan.get("gradients") or {}).get("param_dtype_single_holder", False))
+    if priced and accumulation > 1:
+        warnings.warn(f"the plan was compiled for one micro-batch per step but the run accumulates {accumulation}: "
+                      "gradients stay in fp32, above the plan's memory estimate; compile with policy option "
+                      f"grad_accumulation_steps={accumulation} to plan for it", stacklevel=2)
+    return priced and accumulation == 1

@@ -25,7 +25,7 @@ from .collective_order import check_collective_order
 from .data import MicroBatchStream, make_batch_stream
 from .failures import StopSignal
 from .faults import fault_point
-from .grad_reducer import GradReducer
+from .grad_reducer import GradReducer, keeps_param_dtype
 from .lr_schedule import lr_at
 from .metrics import MetricsLogger, check_metrics_file, model_flops_utilization, peak_memory_gb
 from .optimizer import ZeroAdamW
@@ -142,7 +142,8 @@ def train(
         zero=config.zero, param_dtype=resolve_dtype(config, ctx.device),
         offload=bool((plan.get("offload") or {}).get("optimizer")), update_device=config.optimizer_update_device,
     )
-    reducer = GradReducer(local_params, ctx)
+    reducer = GradReducer(local_params, ctx,
+                          keep_param_dtype=keeps_param_dtype(plan, config.grad_accumulation_steps))
     stream = make_batch_stream(
         dataset, micro_batch_size=config.micro_batch_size, dp_size=ctx.dp_size, copy_index=ctx.copy_index,
         seed=config.seed, device=ctx.device, sequence_length=sequence_length,

@@ -79,7 +79,12 @@ def test_sdpa_causal_flops():
 
 def test_parameter_state_bytes_and_zero():
     bf16 = param_state(1000, torch.bfloat16, holders=1, hw=HW)
-    assert (bf16.parameters, bf16.gradients, bf16.optimizer) == (2000, 4000, 12000)  # fp32 master + 2 moments
+    # fp32 master + 2 moments; one holder and one micro-batch: the gradient keeps the bf16 dtype
+    assert (bf16.parameters, bf16.gradients, bf16.optimizer) == (2000, 2000, 12000)
+    assert param_state(1000, torch.bfloat16, 1, HW, accumulation=2).gradients == 4000  # summed: fp32
+    assert param_state(1000, torch.bfloat16, 2, HW).gradients == 4000  # reduced over holders: fp32
+    assert param_state(1000, torch.bfloat16, 1, HW, dp_size=2).gradients == 4000  # averaged over copies: fp32
+    assert param_state(1000, torch.float32, 1, HW).gradients == 4000
     assert param_state(1000, torch.bfloat16, 1, HW, dp_size=2).optimizer == 6000  # ZeRO-1 halves it
     assert param_state(1000, torch.bfloat16, 1, HW, dp_size=2, zero=False).optimizer == 12000
     assert param_state(1000, torch.float32, 1, HW).optimizer == 8000  # an fp32 parameter is its own master

@@ -91,3 +91,49 @@ def _worlds_fn(fn):
     from dist_utils import run_distributed
 
     return run_distributed(fn, 1, None, timeout_s=60)
+
+
+def test_plan_prices_and_records_the_gradient_dtype(tmp_path):
+    import json
+    import warnings
+
+    from parallel_harness import mini_llama_config
+    from transformers import LlamaForCausalLM
+
+    from dimshard.planner import CompileConfig, compile_model
+    from dimshard.planner.cost import estimate
+    from dimshard.planner.plan import PlanError
+    from dimshard.runtime.grad_reducer import keeps_param_dtype
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(mini_llama_config())
+    ids = torch.randint(0, 128, (1, 16))
+    inputs = {"input_ids": ids, "labels": ids.clone()}
+    results = {}
+    for steps in (1, 3):
+        config = CompileConfig(plan_ngpus=1, policy="dp", param_dtype=torch.bfloat16,
+                               policy_options={"grad_accumulation_steps": steps})
+        results[steps] = compile_model(model, inputs, tmp_path / str(steps), config)
+    plans = {k: json.loads((tmp_path / str(k) / "plan.json").read_text()) for k in results}
+    assert plans[1]["gradients"] == {"param_dtype_single_holder": True}
+    assert plans[3]["gradients"] == {"param_dtype_single_holder": False}
+
+    # One GPU, bf16: 2 bytes per element without accumulation, 4 with it (fp32 sums).
+    r = results[1]
+    numel = sum(r.graph.tensors[t].numel for t in r.graph.parameters.values())
+    one = estimate(r.graph, r.resolved, "cpu", accumulation=1).memory["gradients"]
+    three = estimate(r.graph, r.resolved, "cpu", accumulation=3).memory["gradients"]
+    copies = estimate(r.graph, r.resolved, "cpu", dp_size=2, accumulation=1).memory["gradients"]
+    assert (one, three, copies) == (2 * numel, 4 * numel, 4 * numel)
+
+    with pytest.raises(PlanError, match="grad_accumulation_steps must be a positive integer"):
+        compile_model(model, inputs, tmp_path / "bad",
+                      CompileConfig(plan_ngpus=1, policy="dp", policy_options={"grad_accumulation_steps": 0}))
+
+    # The runtime follows the plan for one micro-batch; with accumulation it keeps fp32 and says so.
+    assert keeps_param_dtype(plans[1], 1) and not keeps_param_dtype(plans[3], 1) and not keeps_param_dtype({}, 1)
+    with pytest.warns(UserWarning, match="grad_accumulation_steps=4"):
+        assert not keeps_param_dtype(plans[1], 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not keeps_param_dtype(plans[3], 4)

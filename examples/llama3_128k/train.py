@@ -120,7 +120,7 @@ MEMORY_MARGIN = 0.08
 
 
 def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
-    """The policy's options (data-parallel copies, ZeRO) and the per-GPU memory budget.
+    """The policy's options (data-parallel copies, ZeRO, micro-batches per step) and the per-GPU memory budget.
 
     The budget is ``--memory_budget_gb``, or for ``--policy auto`` the hardware profile's GPU
     memory less 8% (see MEMORY_MARGIN); other policies get no budget (the report still shows
@@ -129,7 +129,8 @@ def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
     """
     from dimshard.planner.hardware import load_hw_profile
 
-    options: dict = {}
+    # Gradient buffers depend on it (planner/gradient_buffers.py), whatever the policy.
+    options: dict = {"grad_accumulation_steps": args.grad_accumulation_steps}
     if args.policy == "auto":
         # The search weighs ZeRO-1's sharded optimizer state; other plans stay valid for any runtime_ngpus.
         options.update(dp_size=args.runtime_ngpus // args.plan_ngpus, zero=args.zero)
