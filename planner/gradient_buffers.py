@@ -5,8 +5,8 @@ which nothing is ever summed (one micro-batch per optimizer step, and a shard wi
 the whole world, so no reduction) would only hold the widened autograd gradient: keeping it in the
 parameter's dtype is exact and saves 2 bytes per bf16 element (docs/design.md, "Gradient
 buffers"). Whether a step has one micro-batch is a policy option, ``grad_accumulation_steps``
-(default 1); plan.json's ``gradients.param_dtype_single_holder`` records the choice, and the
-runtime refuses to run such a plan with gradient accumulation.
+(default 1); plan.json's ``gradients.param_dtype_single_holder`` records the choice; a run of such
+a plan with gradient accumulation keeps fp32 buffers and warns (``runtime/grad_reducer.py``).
 """
 
 from __future__ import annotations

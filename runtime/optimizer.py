@@ -41,7 +41,13 @@ import torch
 import torch.distributed as dist
 from torch.optim.adamw import adamw
 
-from .optimizer_offload import UPDATE_DEVICES, HostAdamState, choose_update_device, widen_and_scale
+from .optimizer_offload import (
+    UPDATE_DEVICES,
+    HostAdamState,
+    choose_update_device,
+    scale_fp32_in_place,
+    widen_and_scale,
+)
 
 if TYPE_CHECKING:
     from .distributed import ParallelContext
@@ -70,7 +76,6 @@ class _Piece:
     master: torch.Tensor  # fp32; a view into the parameter when it is fp32
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    step: torch.Tensor  # AdamW's step counter (torch keeps one per tensor)
     decay: bool
 
 
@@ -159,7 +164,7 @@ class ZeroAdamW:
                 exp_avg, exp_avg_sq = torch.zeros_like(master), torch.zeros_like(master)
             self._pieces.append(_Piece(
                 index=index, lo=lo, hi=hi, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                step=torch.tensor(0.0), decay=len(lp.full_shape) > 1,
+                decay=len(lp.full_shape) > 1,
             ))
         if param_dtype is not None:
             for lp in self.local_params:
@@ -238,13 +243,10 @@ class ZeroAdamW:
 
         fp32 gradients are used in place (scaled in place when clipping); low-precision ones are
         widened ``widen_numel`` elements at a time, cutting pieces where needed. AdamW's step
-        counter is passed per call as a fresh tensor holding the step before this one, since a cut
-        piece appears in several calls; ``step`` sets the pieces' counters afterwards.
+        counter is passed per call as a fresh tensor holding the step before this one (``step_count``),
+        since a cut piece appears in several calls.
         """
-        if scale is not None:
-            wide = [g for g in grad_pieces if g.dtype == torch.float32]
-            if wide:
-                torch._foreach_mul_(wide, scale)
+        scale_fp32_in_place(grad_pieces, scale)
         for decay in (True, False):
             for batch in _widening_batches([(i, g) for i, g in enumerate(grad_pieces) if self._pieces[i].decay == decay],
                                            self._widen_numel):
@@ -395,8 +397,6 @@ class ZeroAdamW:
     def _set_counters(self, step_count: int, skipped_steps: int) -> None:
         self.step_count = step_count
         self.skipped_steps = skipped_steps
-        for piece in self._pieces:
-            piece.step.fill_(float(step_count))
 
 
 def _widening_batches(grads: list[tuple[int, torch.Tensor]], limit: int):

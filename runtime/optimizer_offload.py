@@ -125,10 +125,7 @@ class HostAdamState:
         """
         if mode not in ("cpu", "gpu"):
             raise ValueError(f"update device must be 'cpu' or 'gpu', got {mode!r}")
-        if grad_scale is not None:
-            wide = [g for g in grads if g.dtype == torch.float32 and g.numel()]
-            if wide:
-                torch._foreach_mul_(wide, grad_scale.to(wide[0].device))
+        scale_fp32_in_place(grads, grad_scale)
         hyper = {"step": step, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         work = self.chunks if chunks is None else chunks
         if mode == "cpu":
@@ -274,6 +271,13 @@ class HostAdamState:
                                           for stage, host in zip((master, exp_avg, exp_avg_sq), hosts)])
         if down is not None:
             down.synchronize()  # host state complete (checkpoints read it next)
+
+
+def scale_fp32_in_place(grads: Sequence[torch.Tensor], scale: torch.Tensor | None) -> None:
+    """Multiply the fp32 tensors among ``grads`` by ``scale`` in place (nothing when None); others are left alone."""
+    wide = [g for g in grads if g.dtype == torch.float32 and g.numel()]
+    if scale is not None and wide:
+        torch._foreach_mul_(wide, scale.to(wide[0].device))
 
 
 def widen_and_scale(grad: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:

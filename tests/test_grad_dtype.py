@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer_optimizer import _train, _worlds
+from test_trainer_optimizer import _worlds
 from test_trainer_toy import make_module, toy_plan
 
 from dimshard.runtime.grad_reducer import GradReducer
