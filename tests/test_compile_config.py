@@ -167,7 +167,9 @@ def test_train_py_reuses_only_a_current_compile_output(tmp_path, monkeypatch):
     train.compile_stage(args, for_gpu=False)
     assert train.compile_is_current(args, for_gpu=False) == (True, "matches")
     # Inputs the old hand-built fingerprint missed: the loss chunk, the memory budget and the profile.
-    for flag, value in (("loss_chunk_size", 8), ("memory_budget_gb", 40.0), ("hw_profile", "h200")):
+    # The offload flags reach the planner too (the host budget was once parsed and dropped).
+    for flag, value in (("loss_chunk_size", 8), ("memory_budget_gb", 40.0), ("hw_profile", "h200"),
+                        ("host_memory_budget_gb", 50.0), ("offload", "optimizer")):
         changed = dataclasses.replace(args, **{flag: value})
         current, why = train.compile_is_current(changed, for_gpu=False)
         assert not current and flag in why, (flag, why)

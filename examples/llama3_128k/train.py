@@ -136,6 +136,8 @@ def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
         options.update(dp_size=args.runtime_ngpus // args.plan_ngpus, zero=args.zero)
     if args.offload != "auto":  # forced on any policy; under auto the auto policy prices it
         options["offload"] = args.offload
+    if args.host_memory_budget_gb is not None:  # else compile_config's default: this machine's (or profile's) RAM
+        options["host_memory_budget_gb"] = args.host_memory_budget_gb
     budget = args.memory_budget_gb
     memory_gb = load_hw_profile(args.hw_profile).memory_gb
     if budget is None and args.policy == "auto" and memory_gb:
