@@ -53,6 +53,7 @@ from .op_costs import (
     working_bytes,
 )
 from .plan import REPLICATE, ResolvedPlan, TensorPlacement
+from .scopes import outermost_scopes, scopes_within
 from .topology import replicas_cross_nodes
 
 GB = 1e9
@@ -163,10 +164,8 @@ class PlanAnalysis:
         A scope inside another recomputed scope adds nothing: the outer checkpoint holds it, as in
         codegen, where an op belongs to the first scope of the list that contains it.
         """
-        outer = [s for s in dict.fromkeys(recompute_scopes)
-                 if not any(o != s and s.startswith(o + ".") for o in recompute_scopes)]
-        groups = {s: [r for name, r in self.regions.items() if name == s or name.startswith(s + ".")]
-                  for s in outer}
+        within = scopes_within(tuple(self.regions))
+        groups = {s: [self.regions[name] for name in within.get(s, ())] for s in outermost_scopes(recompute_scopes)}
         unknown = [s for s, members in groups.items() if not members]
         if unknown:
             raise ValueError(f"recompute scopes {unknown} were not analysed; pass them to analyze(regions=...)")
@@ -263,10 +262,14 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         t = graph.tensors[tid]
         return float(numel(local_shape(t.shape, placement, mesh)) * dtype_bytes(t.dtype))
 
+    region_of: dict[str, str | None] = {}  # op scope -> its region; a few hundred scopes, many ops
+    for op in graph.ops:
+        if op.scope not in region_of:
+            region_of[op.scope] = _region_of(op.scope, regions)
     for op in graph.ops:
         ins, outs = resolved.op_inputs[op.index], resolved.op_outputs[op.index]
         in_ids = op.input_ids()
-        scope = _region_of(op.scope, regions)
+        scope = region_of[op.scope]
         region = region_info[scope] if scope is not None else None
         cost = op_cost(graph, op, ins, outs, mesh, hw)
         compute += cost.forward_s + cost.backward_s
@@ -280,7 +283,7 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
             t = graph.tensors[tid]
             have = resolved.stored[tid]
             if region is not None and t.kind == ACTIVATION and t.producer is not None \
-                    and _region_of(graph.ops[t.producer].scope, regions) != scope:
+                    and region_of[graph.ops[t.producer].scope] != scope:
                 # Checkpointing keeps what flows into the scope, as it was stored.
                 region.inputs[(tid, have)] = tensor_bytes(tid, have)
             if have == want or (tid, want, scope) in seen_redistribution:

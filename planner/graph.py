@@ -85,12 +85,23 @@ class Op:
 
     def input_ids(self) -> list[int]:
         """Ids of the tensor arguments, in the order the annotation lists them."""
-        flat, _ = tree_flatten((self.args, self.kwargs))
-        return [x.id for x in flat if isinstance(x, TensorRef)]
+        return list(self._tensor_ids("_input_ids", (self.args, self.kwargs)))
 
     def output_ids(self) -> list[int]:
-        flat, _ = tree_flatten(self.output)
-        return [x.id for x in flat if isinstance(x, TensorRef)]
+        """Ids of the tensors in the output, in pytree order."""
+        return list(self._tensor_ids("_output_ids", self.output))
+
+    def _tensor_ids(self, slot: str, tree: Any) -> tuple[int, ...]:
+        # The search asks for these millions of times and flattening is most of its time; the ids
+        # are kept with the objects they came from, so reassigning args, kwargs or output (the
+        # tracer sets output after the call) recomputes them.
+        sources = (self.args, self.kwargs) if slot == "_input_ids" else (self.output,)
+        cached = self.__dict__.get(slot)
+        if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
+            flat, _ = tree_flatten(tree)
+            cached = (sources, tuple(x.id for x in flat if isinstance(x, TensorRef)))
+            self.__dict__[slot] = cached
+        return cached[1]
 
 
 @dataclass

@@ -32,9 +32,10 @@ from typing import Any
 from .cost import GB, Estimate, PlanAnalysis
 from .graph import Graph
 from .hardware import HardwareProfile
-from .offload_plan import offload_mode, outermost_scopes
+from .offload_plan import offload_mode
 from .op_costs import dtype_bytes, local_shape, numel
 from .plan import Plan, ResolvedPlan
+from .scopes import outermost_scopes, scopes_within
 
 # Profile-less defaults: PCIe Gen5 x16 pinned copies and a 16-core host (estimates).
 DEFAULT_H2D_GBPS = 50.0
@@ -146,7 +147,7 @@ def apply_offload(graph: Graph, resolved: ResolvedPlan, analysis: PlanAnalysis, 
                   zero: bool = True) -> OffloadedEstimate:
     """The estimate of ``recompute_scopes`` with the optimizer and/or these recomputed scopes offloaded.
 
-    ``offload_scopes`` must be outermost recomputed scopes (``offload_plan.outermost_scopes``).
+    ``offload_scopes`` must be outermost recomputed scopes (``scopes.outermost_scopes``).
     """
     offload_scopes = tuple(offload_scopes)
     outer = outermost_scopes(list(recompute_scopes))
@@ -155,14 +156,15 @@ def apply_offload(graph: Graph, resolved: ResolvedPlan, analysis: PlanAnalysis, 
         raise ValueError(f"offloaded scopes {unknown} are not outermost recomputed scopes of {outer}")
     regions = dict(analysis.regions)
     elsewhere = {key for _, key, _ in analysis.other_saved}
-    covered = {name for s in outer for name in regions if name == s or name.startswith(s + ".")}
+    within = scopes_within(tuple(regions))
+    covered = {name for s in outer for name in within.get(s, ())}
     for name, r in regions.items():
         if name not in covered:
             elsewhere.update(r.saved)
     host = 0.0
     exposed = 0.0
     for scope in offload_scopes:
-        names = [n for n in regions if n == scope or n.startswith(scope + ".")]
+        names = list(within.get(scope, ()))
         members = [regions[n] for n in names]
         moved = _offloadable_inputs(graph, analysis, members, elsewhere)
         nbytes = sum(moved.values())

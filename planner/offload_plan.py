@@ -18,6 +18,7 @@ from typing import Any
 
 from .graph import Graph
 from .plan import Plan, PlanError
+from .scopes import outermost_scopes
 
 OFFLOAD_MODES = ("auto", "none", "optimizer", "activations", "all")
 
@@ -28,12 +29,6 @@ def offload_mode(extra: Mapping[str, Any] | None) -> str:
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {mode!r}")
     return mode
-
-
-def outermost_scopes(scopes: list[str]) -> list[str]:
-    """The scopes not nested in another of the list (the regions codegen writes), in order."""
-    unique = list(dict.fromkeys(scopes))
-    return [s for s in unique if not any(o != s and s.startswith(o + ".") for o in unique)]
 
 
 def apply_offload_request(graph: Graph, plan: Plan, extra: Mapping[str, Any] | None) -> Plan:

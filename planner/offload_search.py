@@ -25,14 +25,22 @@ from .offload_plan import offload_mode
 from .plan import Plan, resolve_placements
 
 
+def split_key(plan: Plan) -> tuple:
+    """What the resolved placements and the cost analysis of a plan depend on: its mesh and splits."""
+    return plan.mesh.shape, tuple(sorted(plan.splits.items()))
+
+
 def offload_candidates(graph: Graph, evaluated: Mapping[tuple, Any], extra: Mapping[str, Any] | None,
                        hw: HardwareProfile, gpu_budget: float | None, dp_size: int, zero: bool,
-                       make: Callable[[Plan, Estimate, bool, str], Any], accumulation: int = 1) -> list[Any]:
+                       make: Callable[[Plan, Estimate, bool, str], Any], accumulation: int = 1,
+                       analyses: dict[tuple, tuple] | None = None) -> list[Any]:
     """Offloaded candidates (built with ``make(plan, estimate, feasible, note)``) for the evaluated ones.
 
     ``evaluated`` maps signatures to the search's candidates (``.plan``, ``.estimate``,
-    ``.feasible``, ``.note``). Nothing is added when the ``offload`` option is ``none``, or when
-    there is no GPU budget.
+    ``.feasible``, ``.note``). ``analyses`` maps ``split_key`` to the search's (resolved, analysis)
+    of that split plan, analysed with every candidate's recompute scopes among its regions; the
+    missing ones are computed (and added). Nothing is added when the ``offload`` option is
+    ``none``, or when there is no GPU budget.
     """
     mode = offload_mode(extra)
     if mode == "none" or (gpu_budget is None and mode == "auto"):
@@ -40,11 +48,11 @@ def offload_candidates(graph: Graph, evaluated: Mapping[tuple, Any], extra: Mapp
     host_budget = host_budget_bytes(extra, hw)
     best = min((c.estimate.step_s for c in evaluated.values() if c.feasible), default=math.inf)
     todo = [c for c in evaluated.values() if mode != "auto" or (not c.feasible and c.estimate.step_s < best)]
-    analyses: dict[tuple, tuple] = {}
+    analyses = {} if analyses is None else analyses
     regions = list(dict.fromkeys(decoder_layer_scopes(graph) + [s for c in todo for s in c.plan.recompute_scopes]))
     added = []
     for c in todo:
-        key = (c.plan.mesh.shape, tuple(sorted(c.plan.splits.items())))
+        key = split_key(c.plan)
         if key not in analyses:
             resolved = resolve_placements(graph, Plan(c.plan.mesh, dict(c.plan.splits), [], c.plan.name))
             analyses[key] = (resolved, analyze_plan(graph, resolved, hw, dp_size, zero, regions=regions,

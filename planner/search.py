@@ -58,7 +58,7 @@ from .graph import Graph, Op
 from .hardware import HardwareProfile, load_hw_profile
 from .layers import layer_structure, mlp_scopes
 from .offload_plan import with_offload_of
-from .offload_search import no_fit_message, offload_candidates
+from .offload_search import no_fit_message, offload_candidates, split_key
 from .placement_problem import PlacementProblem, Weights
 from .plan import Mesh, Plan, PlanError, resolve_placements
 from .policies import PolicyContext, decoder_layer_scopes, recompute_scopes, register_policy
@@ -169,8 +169,12 @@ def _recompute_choices(graph: Graph, mode: str) -> list[list[str]]:
 
 
 def _search_mesh(graph: Graph, problem: PlacementProblem, n_layers: int, choices: list[list[str]], budget: float | None,
-                 solve_ks: list[int], evaluated: dict[tuple, Candidate]) -> int:
-    """Solve one mesh's problem for each recompute weight and memory weight; add candidates; return #solves."""
+                 solve_ks: list[int], evaluated: dict[tuple, Candidate], analyses: dict[tuple, tuple]) -> int:
+    """Solve one mesh's problem for each recompute weight and memory weight; add candidates; return #solves.
+
+    ``analyses`` gathers each split plan's (resolved placements, analysis), keyed by
+    ``offload_search.split_key``, for the offload search to reuse.
+    """
     hw, dp_size, zero, accumulation = problem.hw, problem.dp_size, problem.zero, problem.accumulation
     regions = list(dict.fromkeys(decoder_layer_scopes(graph) + [s for c in choices for s in c]))
     shape = problem.mesh.shape
@@ -181,8 +185,12 @@ def _search_mesh(graph: Graph, problem: PlacementProblem, n_layers: int, choices
             lam = lambdas.pop(0)
             plan, _ = problem.solve(Weights(max(n_layers, 1), k, lam))
             solves += 1
-            analysis = analyze_plan(graph, resolve_placements(graph, plan), hw, dp_size, zero, regions=regions,
-                                    accumulation=accumulation)
+            key = split_key(plan)
+            if key not in analyses:
+                resolved = resolve_placements(graph, plan)
+                analyses[key] = (resolved, analyze_plan(graph, resolved, hw, dp_size, zero, regions=regions,
+                                                        accumulation=accumulation))
+            analysis = analyses[key][1]
             fastest = None
             for scopes in choices:
                 est = analysis.estimate(scopes)
@@ -223,6 +231,7 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
         if int(np.prod(shape)) != ctx.plan_ngpus:
             raise PlanError(f"mesh shape {shape} does not hold plan_ngpus = {ctx.plan_ngpus} devices")
     evaluated: dict[tuple, Candidate] = {}
+    analyses: dict[tuple, tuple] = {}
     solves = 0
     for shape in shapes:
         mesh = Mesh(tuple(f"axis{i}" for i in range(len(shape))), shape)
@@ -231,14 +240,15 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
         if problem.order[1] > MAX_TABLE_ENTRIES:
             with sequence_split_not_offered():  # its choices made this mesh too entangled: plan it without them
                 problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
-        solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated)
+        solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated, analyses)
         if len(shape) == 1 and shape[0] <= hw.gpus_per_node and has_sequence_split_choices(problem):
             # Within a node heads-only plans compete closely; the Lagrangian sweep finds one plan per memory
             # weight, so the extra choices can hide a better one: sweep this mesh without them as well.
             with sequence_split_not_offered():
                 problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
-            solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated)
-    for c in offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate, accumulation):
+            solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated, analyses)
+    for c in offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate, accumulation,
+                                analyses):
         evaluated.setdefault((*_signature(c.plan), c.plan.offload_optimizer, tuple(c.plan.offload_scopes)), c)
     ranked = sorted(evaluated.values(),
                     key=lambda c: (not c.feasible, c.estimate.step_s if c.feasible else c.estimate.peak_bytes))
