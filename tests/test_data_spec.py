@@ -88,6 +88,13 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(files):
 def test_unreachable_hub_name_is_refused(files, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read these at import; once imported (by other tests) only their constants count,
+    # and without them each lookup waits on the network until it times out.
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataSpecError, match="could not open it as a hub dataset") as error:
         _check(files, "no-such-owner-dimshard/no-such-dataset")
     assert "\n" not in str(error.value)
