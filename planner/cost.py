@@ -262,10 +262,8 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         t = graph.tensors[tid]
         return float(numel(local_shape(t.shape, placement, mesh)) * dtype_bytes(t.dtype))
 
-    region_of: dict[str, str | None] = {}  # op scope -> its region; a few hundred scopes, many ops
-    for op in graph.ops:
-        if op.scope not in region_of:
-            region_of[op.scope] = _region_of(op.scope, regions)
+    # Op scope -> its region: a few hundred scopes for thousands of ops.
+    region_of = {s: _region_of(s, regions) for s in {op.scope for op in graph.ops}}
     for op in graph.ops:
         ins, outs = resolved.op_inputs[op.index], resolved.op_outputs[op.index]
         in_ids = op.input_ids()

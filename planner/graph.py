@@ -89,16 +89,15 @@ class Op:
 
     def output_ids(self) -> list[int]:
         """Ids of the tensors in the output, in pytree order."""
-        return list(self._tensor_ids("_output_ids", self.output))
+        return list(self._tensor_ids("_output_ids", (self.output,)))
 
-    def _tensor_ids(self, slot: str, tree: Any) -> tuple[int, ...]:
-        # The search asks for these millions of times and flattening is most of its time; the ids
+    def _tensor_ids(self, slot: str, sources: tuple) -> tuple[int, ...]:
+        # The search asks for these millions of times and flattening was most of its time. The ids
         # are kept with the objects they came from, so reassigning args, kwargs or output (the
         # tracer sets output after the call) recomputes them.
-        sources = (self.args, self.kwargs) if slot == "_input_ids" else (self.output,)
         cached = self.__dict__.get(slot)
-        if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
-            flat, _ = tree_flatten(tree)
+        if cached is None or any(a is not b for a, b in zip(cached[0], sources)):
+            flat, _ = tree_flatten(sources)
             cached = (sources, tuple(x.id for x in flat if isinstance(x, TensorRef)))
             self.__dict__[slot] = cached
         return cached[1]
