@@ -18,21 +18,26 @@ of its own: the planner annotates torch's sdpa with its own rule and substitutes
 
 from __future__ import annotations
 
-from .attention import attention_reference, scaled_dot_product_attention
-from .chunk_linear_cross_entropy import chunk_linear_cross_entropy, chunk_linear_cross_entropy_reference
-from .rms_norm import rms_norm, rms_norm_reference
-from .rotary import apply_rotary, apply_rotary_reference
-from .swiglu import swiglu, swiglu_reference
+if "." not in __name__:  # imported by its bare name from the repository root: see _shadow_guard.py
+    from _shadow_guard import step_aside
 
-__all__ = [
-    "apply_rotary",
-    "attention_reference",
-    "apply_rotary_reference",
-    "chunk_linear_cross_entropy",
-    "chunk_linear_cross_entropy_reference",
-    "rms_norm",
-    "rms_norm_reference",
-    "scaled_dot_product_attention",
-    "swiglu",
-    "swiglu_reference",
-]
+    step_aside(__name__, __path__[0])
+else:
+    from .attention import attention_reference, scaled_dot_product_attention
+    from .chunk_linear_cross_entropy import chunk_linear_cross_entropy, chunk_linear_cross_entropy_reference
+    from .rms_norm import rms_norm, rms_norm_reference
+    from .rotary import apply_rotary, apply_rotary_reference
+    from .swiglu import swiglu, swiglu_reference
+
+    __all__ = [
+        "apply_rotary",
+        "attention_reference",
+        "apply_rotary_reference",
+        "chunk_linear_cross_entropy",
+        "chunk_linear_cross_entropy_reference",
+        "rms_norm",
+        "rms_norm_reference",
+        "scaled_dot_product_attention",
+        "swiglu",
+        "swiglu_reference",
+    ]

@@ -9,21 +9,26 @@ The public API (docs/design.md, "Public API"):
 - errors: ``PlanError``, ``TraceError``, ``AnnotationError``, ``CodegenError``.
 """
 
-from . import op_rules as _op_rules  # noqa: F401  (registers the built-in rules)
-from . import search as _search  # noqa: F401  (registers the auto policy)
-from .annotations import Annotation, AnnotationError, parse_annotation
-from .codegen import CodegenError
-from .compile import CompileResult, compile_model
-from .compile_config import CompileConfig, compile_status
-from .graph import Graph
-from .plan import Mesh, Partial, Plan, PlanError, Replicate, Shard, resolve_placements
-from .policies import PolicyContext, get_policy, recompute_scopes, register_policy
-from .registry import register_op, set_rule
-from .trace import TraceError, trace
+if "." not in __name__:  # imported by its bare name from the repository root: see _shadow_guard.py
+    from _shadow_guard import step_aside
 
-__all__ = [
-    "Annotation", "AnnotationError", "CodegenError", "CompileConfig", "CompileResult", "Graph", "Mesh", "Partial",
-    "Plan", "PlanError", "PolicyContext", "Replicate", "Shard", "TraceError", "compile_model", "compile_status",
-    "get_policy", "parse_annotation", "recompute_scopes", "register_op", "register_policy", "resolve_placements",
-    "set_rule", "trace",
-]
+    step_aside(__name__, __path__[0])
+else:
+    from . import op_rules as _op_rules  # noqa: F401  (registers the built-in rules)
+    from . import search as _search  # noqa: F401  (registers the auto policy)
+    from .annotations import Annotation, AnnotationError, parse_annotation
+    from .codegen import CodegenError
+    from .compile import CompileResult, compile_model
+    from .compile_config import CompileConfig, compile_status
+    from .graph import Graph
+    from .plan import Mesh, Partial, Plan, PlanError, Replicate, Shard, resolve_placements
+    from .policies import PolicyContext, get_policy, recompute_scopes, register_policy
+    from .registry import register_op, set_rule
+    from .trace import TraceError, trace
+
+    __all__ = [
+        "Annotation", "AnnotationError", "CodegenError", "CompileConfig", "CompileResult", "Graph", "Mesh", "Partial",
+        "Plan", "PlanError", "PolicyContext", "Replicate", "Shard", "TraceError", "compile_model", "compile_status",
+        "get_policy", "parse_annotation", "recompute_scopes", "register_op", "register_policy", "resolve_placements",
+        "set_rule", "trace",
+    ]

@@ -18,36 +18,39 @@ does) loads no more than it did.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+if "." not in __name__:  # imported by its bare name from the repository root: see _shadow_guard.py
+    from _shadow_guard import step_aside
 
-# exported name -> the module of this package that defines it
-_EXPORTS = {
-    "ParallelContext": "distributed", "init_parallel": "distributed", "destroy_parallel": "distributed",
-    "ParallelModule": "module", "LocalParameter": "module", "load_parallel_module": "module", "read_plan": "module",
-    "has_weights": "weights", "slice_reader": "weights",
-    "GradReducer": "grad_reducer", "ZeroAdamW": "optimizer", "lr_at": "lr_schedule",
-    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "find_latest_checkpoint": "checkpoint",
-    "load_merged_checkpoint": "checkpoint", "merge_checkpoint": "checkpoint", "capture_rng_state": "checkpoint",
-    "restore_rng_state": "checkpoint", "CheckpointError": "checkpoint",
-    "load_token_dataset": "data", "MicroBatchStream": "data",
-    "MetricsLogger": "metrics", "flops_per_sequence": "metrics", "model_flops_utilization": "metrics",
-    "peak_memory_gb": "metrics",
-    "TrainConfig": "train_config", "train": "trainer", "TrainResult": "trainer",
-}
+    step_aside(__name__, __path__[0])
+else:
+    import importlib
+    from typing import Any
 
-__all__ = sorted(_EXPORTS)
+    # exported name -> the module of this package that defines it
+    _EXPORTS = {
+        "ParallelContext": "distributed", "init_parallel": "distributed", "destroy_parallel": "distributed",
+        "ParallelModule": "module", "LocalParameter": "module", "load_parallel_module": "module", "read_plan": "module",
+        "has_weights": "weights", "slice_reader": "weights",
+        "GradReducer": "grad_reducer", "ZeroAdamW": "optimizer", "lr_at": "lr_schedule",
+        "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "find_latest_checkpoint": "checkpoint",
+        "load_merged_checkpoint": "checkpoint", "merge_checkpoint": "checkpoint", "capture_rng_state": "checkpoint",
+        "restore_rng_state": "checkpoint", "CheckpointError": "checkpoint",
+        "load_token_dataset": "data", "MicroBatchStream": "data",
+        "MetricsLogger": "metrics", "flops_per_sequence": "metrics", "model_flops_utilization": "metrics",
+        "peak_memory_gb": "metrics",
+        "TrainConfig": "train_config", "train": "trainer", "TrainResult": "trainer",
+    }
 
+    __all__ = sorted(_EXPORTS)
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dimshard.runtime' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+    def __getattr__(name: str) -> Any:
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module 'dimshard.runtime' has no attribute '{name}'")
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
 
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | set(_EXPORTS))
 
