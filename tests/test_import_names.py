@@ -4,6 +4,9 @@ The repository root is the ``dimshard`` package, and Python puts the working dir
 ``sys.path``; so from the root, ``import kernels`` would reach our folder before the ``kernels``
 distribution that transformers imports (``_shadow_guard.py``). Each check runs in a fresh
 interpreter whose working directory is the repository root, as a user's shell or notebook would be.
+
+A script's own folder goes first on ``sys.path`` too (``python benchmarks/x.py``, pytest's
+``tests/``), so the modules beside a script must not take a distribution's name either.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ def top_level_names() -> list[str]:
         elif entry.suffix == ".py":
             names.add(entry.stem)
     return sorted(names - SKIP)
+
+
+def script_folders() -> list[Path]:
+    """Folders outside the packages that hold Python files run as scripts (or as pytest's tests)."""
+    packages = {ROOT / "planner", ROOT / "runtime", ROOT / "kernels"}
+    folders = {p.parent for p in ROOT.rglob("*.py") if ".git" not in p.parts and "build" not in p.parts}
+    return sorted(f for f in folders if f != ROOT and not any(f.is_relative_to(p) for p in packages))
 
 
 def import_from_root(name: str) -> dict:
@@ -64,6 +74,15 @@ def test_no_top_level_name_is_owned_by_an_installed_distribution_and_shadowed_by
         assert not shadowed, (
             f"`import {name}` in the repository root reaches our {shadowed} instead of the "
             f"{owned[name]} distribution")
+
+
+def test_no_module_beside_a_script_takes_an_installed_distributions_name():
+    owned = importlib.metadata.packages_distributions()
+    folders = script_folders()
+    assert ROOT / "benchmarks" in folders and ROOT / "tests" in folders  # the walk sees them
+    clashes = [str(p.relative_to(ROOT)) for folder in folders for p in folder.iterdir()
+               if (p.suffix == ".py" and p.stem in owned) or (p.is_dir() and p.name in owned and any(p.glob("*.py")))]
+    assert not clashes, f"{clashes}: a script beside them imports these instead of the installed distribution"
 
 
 @pytest.mark.parametrize("package", ["planner", "runtime", "kernels"])

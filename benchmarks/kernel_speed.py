@@ -8,8 +8,8 @@ gradients (``torch.cuda.max_memory_allocated`` minus what was allocated before t
 the gradients' sizes), and the relative error ||ours - eager|| / ||eager|| over outputs and
 gradients where the eager op fits in memory. Prints a table; ``--json_out`` writes every number.
 
-    python benchmarks/kernels.py                       # everything, default shapes
-    python benchmarks/kernels.py --kernels chunk_ce --seq_len 32768
+    python benchmarks/kernel_speed.py                       # everything, default shapes
+    python benchmarks/kernel_speed.py --kernels chunk_ce --seq_len 32768
 """
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected benchmarks; exit code 2 without CUDA or for unknown kernel names."""
     cfg = parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU: it times GPU kernels against the GPU's own matmul and "
+        print("benchmarks/kernel_speed.py needs a CUDA GPU: it times GPU kernels against the GPU's own matmul and "
               "copy rates. Run it on a GPU machine; the CPU paths are covered by the tests "
               "(pytest tests/test_kernels_*.py).", file=sys.stderr)
         return 2
