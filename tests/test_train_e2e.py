@@ -270,3 +270,25 @@ def test_bad_model_and_dataset_files_give_one_line_errors(workdir):
                   "--dtype", "fp32", "--max_steps", "1", "--checkpoint_dir", "", "--compile_dir", str(bad / "c2"),
                   "--dump_dir", str(bad / "dump"), check=False)
     _one_line_error(out, "--model_id", "save_pretrained")
+
+
+def test_a_model_with_an_op_without_a_rule_stops_every_rank_with_one_line(workdir):
+    # tests/train_without_a_rule.py is train.py with silu's rule removed: the tracer's error for an
+    # unsupported model must reach the user as one line, whatever the launch.
+    script = str(ROOT / "tests" / "train_without_a_rule.py")
+    needle = "no dim annotation for torch.nn.functional.silu"
+    base = ["--model_id", str(workdir / "model"), "--dataset_path", str(workdir / "data"), "--dtype", "fp32",
+            "--max_steps", "1", "--checkpoint_dir", "", "--dump_dir", str(workdir / "norule" / "dump")]
+    out = _python(script, "--run_mode", "compile", *base, "--compile_dir", str(workdir / "norule" / "c0"),
+                  check=False)
+    _one_line_error(out, needle, "set_rule")
+    out = _python(script, *base, "--compile_dir", str(workdir / "norule" / "c1"), check=False)
+    _one_line_error(out, needle, "set_rule")
+
+    out = _python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *base,
+                  "--plan_ngpus", "2", "--runtime_ngpus", "2", "--policy", "tp",
+                  "--compile_dir", str(workdir / "norule" / "c2"), check=False)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode != 0 and len(errors) == 2 and all(needle in e for e in errors), out.stderr[-4000:]
+    # torchrun's own summary follows (ChildFailedError), but no frame of ours is printed.
+    assert f'File "{ROOT}' not in out.stderr, out.stderr[-4000:]

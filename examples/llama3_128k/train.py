@@ -292,6 +292,7 @@ def _train_under_torchrun(args: TrainArgs, use_gpu: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, then compile or run; user errors print one line and exit with status 2."""
+    from dimshard.planner import CodegenError, TraceError
     from dimshard.runtime.checkpoint import CheckpointError
     from dimshard.runtime.failures import PeerFailure
 
@@ -303,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
             compile_stage(args, for_gpu=args.dtype == "bf16" or torch.cuda.is_available())
         else:
             run_stage(args)
-    except (UserInputError, ValueError, OSError, CheckpointError, PeerFailure) as e:
-        # Bad flags or files, a full disk, a corrupt checkpoint: what went wrong and what to do.
+    except (UserInputError, ValueError, OSError, CheckpointError, PeerFailure, TraceError, CodegenError) as e:
+        # Bad flags or files, a full disk, a corrupt checkpoint, a model with an op dimshard has no
+        # rule for (the planner's errors are ValueErrors, TraceError and CodegenError): what went
+        # wrong and what to do. Anything else is a bug of ours and keeps its traceback.
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
