@@ -26,6 +26,7 @@ def tp_output(tmp_path_factory):
     return out
 
 
+@pytest.mark.smoke
 def test_tp_rank1_reduces_after_row_parallel_projections(tp_output):
     src = (tp_output / "gencode" / "rank1.py").read_text()
     ast.parse(src)

@@ -113,6 +113,7 @@ def _save_llama_shards(config_dict: dict, state: dict[str, torch.Tensor], checkp
                     plan=plan, trainer_state={}, model_config=config_dict)
 
 
+@pytest.mark.smoke
 def test_hf_export_loads_with_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 

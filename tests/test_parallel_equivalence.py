@@ -44,8 +44,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("policy,plan_ngpus,world,recompute,optimizer,fused,loss",
-                         [c if len(c) == 7 else (*c, "model") for c in CASES])
+def _case(c: tuple) -> object:
+    case = c if len(c) == 7 else (*c, "model")
+    # One 2-rank tensor-parallel case stands for the rest on the oldest supported stack (.ci/run).
+    return pytest.param(*case, marks=pytest.mark.smoke) if c == ("tp", 2, 2, "none", "adamw", False) else case
+
+
+@pytest.mark.parametrize("policy,plan_ngpus,world,recompute,optimizer,fused,loss", [_case(c) for c in CASES])
 def test_parallel_matches_single_process(tmp_path, policy, plan_ngpus, world, recompute, optimizer, fused, loss):
     from transformers import LlamaForCausalLM
 

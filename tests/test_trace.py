@@ -35,6 +35,7 @@ def _small(kind: str) -> torch.nn.Module:
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_single_rank_module_equals_hf_model(tmp_path, kind):
     torch.manual_seed(0)

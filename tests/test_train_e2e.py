@@ -100,6 +100,7 @@ def test_layouts_log_the_same_losses(workdir):
             assert abs(a - b) <= 1e-4 * abs(b), (tag, losses, reference)
 
 
+@pytest.mark.smoke
 def test_resume_merge_export(workdir):
     tp = LAYOUTS["tp2"][1]
     _train(workdir, "full", 2, *tp, "--max_steps", "6")
