@@ -4,7 +4,7 @@ Grammar (whitespace separates dims, commas separate tensors)::
 
     annotation := tensors '->' tensors
     tensors    := tensor (',' tensor)*          # a tensor may be empty: a 0-d tensor
-    tensor     := dim*
+    tensor     := ['+'] dim*                    # '+': a summand (inputs only)
     dim        := NAME ['^'] | '1' | '(' NAME['^'] NAME['^']+ ')' | '...'
 
 - the same NAME in two tensors means those dims split together;
@@ -12,7 +12,12 @@ Grammar (whitespace separates dims, commas separate tensors)::
 - ``1`` is a size-1 (broadcast) dim, never split;
 - ``(h d)`` is one tensor dim made of several NAMEs, outermost first (views and reshapes);
 - ``...`` stands for any number of leading dims and is bound to fresh names per call;
-- a NAME in the inputs but in no output is a reduction: splitting it makes the outputs Partial.
+- a NAME in the inputs but in no output is a reduction: splitting it makes the outputs Partial;
+- ``+`` before an input marks a *summand*, a tensor the op adds to its result (a linear layer's
+  bias: ``... k, n k, +n -> ... n``). Where a split reduction leaves partial sums, the summand must
+  be added once, not on every rank, so the plan gives it the Partial placement too (one rank holds
+  it, the others zeros: docs/design.md, "Placements and redistribution"). Its names must be
+  output names.
 """
 
 from __future__ import annotations
@@ -47,10 +52,11 @@ class Dim:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """The dims of one tensor; ``ellipsis_at`` is the index of ``...`` or None."""
+    """The dims of one tensor; ``ellipsis_at`` is the index of ``...`` or None; ``summand``: marked ``+``."""
 
     dims: tuple[Dim, ...]
     ellipsis_at: int | None = None
+    summand: bool = False
 
     def names(self) -> list[str]:
         return [n for d in self.dims for n in d.names]
@@ -59,7 +65,7 @@ class TensorSpec:
         parts = [str(d) for d in self.dims]
         if self.ellipsis_at is not None:
             parts.insert(self.ellipsis_at, "...")
-        return " ".join(parts)
+        return ("+" if self.summand else "") + " ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ class Annotation:
                     parts.append("1")
             if spec.ellipsis_at is not None:
                 parts.insert(spec.ellipsis_at, "...")
-            return " ".join(parts)
+            return ("+" if spec.summand else "") + " ".join(parts)
 
         return ", ".join(fmt(s) for s in self.inputs) + " -> " + ", ".join(fmt(s) for s in self.outputs)
 
@@ -140,7 +146,7 @@ class Annotation:
                 )
             names = fresh[max_extra - e :]
             dims = spec.dims[: spec.ellipsis_at] + tuple(Dim((n,)) for n in names) + spec.dims[spec.ellipsis_at :]
-            bound.append(TensorSpec(dims))
+            bound.append(TensorSpec(dims, summand=spec.summand))
         if not has_ellipsis:
             return self
         n_in = len(self.inputs)
@@ -148,6 +154,9 @@ class Annotation:
 
 
 def _parse_tensor(text: str, whole: str, frozen: set[str]) -> TensorSpec:
+    summand = text.lstrip().startswith("+")
+    if summand:
+        text = text.lstrip()[1:]
     tokens = re.findall(r"\(|\)|\.\.\.|[^\s()]+", text)
     dims: list[Dim] = []
     ellipsis_at = None
@@ -191,7 +200,7 @@ def _parse_tensor(text: str, whole: str, frozen: set[str]) -> TensorSpec:
             dims.append(Dim((name,)))
     if group is not None:
         raise AnnotationError(f"unbalanced '(' in annotation '{whole}'")
-    spec = TensorSpec(tuple(dims), ellipsis_at)
+    spec = TensorSpec(tuple(dims), ellipsis_at, summand)
     names = spec.names()
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -209,6 +218,15 @@ def parse_annotation(text: str) -> Annotation:
     frozen: set[str] = set()
     inputs = tuple(_parse_tensor(t, text, frozen) for t in left.split(",")) if left.strip() else ()
     outputs = tuple(_parse_tensor(t, text, frozen) for t in right.split(","))
+    if any(s.summand for s in outputs):
+        raise AnnotationError(f"annotation '{text}' marks an output '+': only an input the op adds to its "
+                              "result can be a summand")
+    out_names = {n for s in outputs for n in s.names()}
+    for spec in inputs:
+        missing = [n for n in spec.names() if n not in out_names] if spec.summand else []
+        if missing:
+            raise AnnotationError(f"summand '{spec}' of annotation '{text}' has dim '{missing[0]}', which no "
+                                  "output has: a summand is added to the result, so its dims are output dims")
     in_names = {n for s in inputs for n in s.names()}
     for spec in outputs:
         for n in spec.names():

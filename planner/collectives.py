@@ -34,7 +34,9 @@ class Collective:
     (0) by the group size. ``sent_bytes(local_bytes, n)``: bytes each rank sends (nccl-tests' bus
     bandwidth convention, for the cost model and the profiler). ``measure(x, n)``: a call of
     ``torch.distributed`` on the default group that moves ``x`` the way this kind does (profile_hw
-    times it); None for kinds that do not communicate.
+    times it); None for kinds that do not communicate. ``writes_local``: a kind that does not
+    communicate but writes a tensor of its local result's size (zeros); the cost model prices
+    that write at the copy bandwidth, forward and backward.
     """
 
     kind: str
@@ -47,6 +49,7 @@ class Collective:
     growth: int
     sent_bytes: Callable[[int, int], int]
     measure: Callable[[Any, int], Callable[[], object]] | None = None
+    writes_local: bool = False
 
     @property
     def communicates(self) -> bool:
@@ -105,6 +108,12 @@ COLLECTIVES_TABLE: dict[str, Collective] = {c.kind: c for c in (
     # No communication: each rank keeps its chunk; the backward zero-pads (a Partial gradient).
     Collective("local_slice", "replicate", "shard", 0, None, "local_slice", ("target",), -1,
                lambda local, n: 0),
+    # No communication: the group's first rank keeps the tensor, the others hold zeros, so it is
+    # summed once (a summand of a split reduction, such as a row-parallel linear's bias). Its own
+    # backward: the Replicate gradient of the result, kept on the first rank, is the Partial
+    # gradient of the input. Last, after any all-gather of a sharded summand on the same axis.
+    Collective("replicate_to_partial", "replicate", "partial", 5, "replicate_to_partial", "replicate_to_partial",
+               (), 0, lambda local, n: 0, writes_local=True),
 )}
 # The kinds that move data, in the order profiles list them.
 COMMUNICATING = tuple(k for k, c in COLLECTIVES_TABLE.items() if c.communicates)

@@ -178,21 +178,34 @@ class CollectiveCost:
 
 def redistribution_cost(shape: tuple[int, ...], itemsize: int, src: TensorPlacement, dst: TensorPlacement,
                         mesh: Mesh, hw: HardwareProfile, backward: bool) -> CollectiveCost:
-    """Collectives turning a tensor of full ``shape`` from ``src`` into ``dst``, and their backward."""
+    """Collectives turning a tensor of full ``shape`` from ``src`` into ``dst``, and their backward.
+
+    A step that does not communicate costs nothing, unless its entry ``writes_local`` (the zeros
+    of ``replicate_to_partial``): then it is listed with 0 bytes sent and the seconds of writing
+    its local result at the copy bandwidth plus a kernel launch.
+    """
     local = float(numel(local_shape(shape, src, mesh)) * itemsize)
     fwd: list[tuple[str, int, float, float]] = []
     bwd: list[tuple[str, int, float, float]] = []
-    for step in redistribution_steps(src, dst):
-        n = mesh.shape[step.axis]
-        collective = COLLECTIVES_TABLE[step.kind]
-        after = collective.local_after(local, n)
+
+    def priced(kind: str, axis: int, local_before: float, local_after: float) -> tuple[str, int, float, float] | None:
+        collective = COLLECTIVES_TABLE[kind]
         if collective.communicates:
-            nbytes = float(step_bytes(step, int(local), n))
-            fwd.append((step.kind, step.axis, nbytes, axis_collective_seconds(hw, step.kind, nbytes, mesh, step.axis)))
+            nbytes = float(step_bytes(Step(kind, axis), int(local_before), mesh.shape[axis]))
+            return kind, axis, nbytes, axis_collective_seconds(hw, kind, nbytes, mesh, axis)
+        if collective.writes_local:
+            return kind, axis, 0.0, local_after / hw.copy_rate + hw.kernel_launch_us * 1e-6
+        return None
+
+    for step in redistribution_steps(src, dst):
+        collective = COLLECTIVES_TABLE[step.kind]
+        after = collective.local_after(local, mesh.shape[step.axis])
+        if (entry := priced(step.kind, step.axis, local, after)) is not None:
+            fwd.append(entry)
         back = collective.backward
-        if backward and back is not None:
-            nbytes = float(step_bytes(Step(back, step.axis), int(after), n))
-            bwd.append((back, step.axis, nbytes, axis_collective_seconds(hw, back, nbytes, mesh, step.axis)))
+        # The backward turns the gradient of the result (local size ``after``) into the input's.
+        if backward and back is not None and (entry := priced(back, step.axis, after, local)) is not None:
+            bwd.append(entry)
         local = after
     return CollectiveCost(tuple(fwd), tuple(bwd))
 

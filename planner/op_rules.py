@@ -3,7 +3,9 @@
 String rules cover fixed signatures; rule functions build the annotation from the call's
 arguments and shapes. Conventions: a reduction over a dim is a partial sum only for sum-like
 ops (``sum``, ``linear``, ``matmul``); other reductions (``mean``, ``softmax``, ``max``) mark the
-reduced dim ``^`` so it is never split.
+reduced dim ``^`` so it is never split. A tensor a product adds to its result (the bias of
+``linear``, ``addmm``, ``baddbmm``) is a ``+`` summand, so the product's sum may still be split:
+the plan adds the summand on one rank of the axis (planner/plan.py).
 """
 
 from __future__ import annotations
@@ -116,11 +118,11 @@ def _along_dim(dim_index: int = 1) -> Any:
 
 
 def _linear(call: OpCall) -> str:
+    """``linear(x, w[, bias])``: x [... k] @ w [n k].T, plus the bias [n] (a summand) when given."""
     x = call.inputs[0]
-    if len(call.inputs) == 3:
-        # A bias added on every rank would be summed k times when k is split: keep k whole.
-        return "... k^, n k^, n -> ... n"
-    return "... k, n k -> ... n" if x.ndim >= 1 else _opaque(call)
+    if x.ndim < 1:
+        return _opaque(call)
+    return "... k, n k, +n -> ... n" if len(call.inputs) == 3 else "... k, n k -> ... n"
 
 
 def _matmul(call: OpCall) -> str:
@@ -585,7 +587,7 @@ def _repeat(call: OpCall) -> str:
 
 
 def _addmm(call: OpCall) -> str:
-    """``addmm(bias, x, w)`` (GPT-2's Conv1D): bias [n] or [m n], x [m k], w [k n]; k whole, as for a biased linear."""
+    """``addmm(bias, x, w)`` (GPT-2's Conv1D): bias [n] or [m n] (a summand), x [m k], w [k n]."""
     bias = call.inputs[0]
     if len(call.inputs) != 3 or call.inputs[1].ndim != 2 or call.inputs[2].ndim != 2 or bias.ndim > 2:
         return _opaque(call)
@@ -594,11 +596,14 @@ def _addmm(call: OpCall) -> str:
         bias_spec = " ".join("1" if s == 1 else n for s, n in zip(bias.shape, ["m", "n"]))
     elif bias.ndim == 1 and bias.shape[0] == 1:
         bias_spec = "1"
-    return f"{bias_spec}, m k^, k^ n -> m n"
+    return f"+{bias_spec}, m k, k n -> m n"
 
 
 def _baddbmm(call: OpCall) -> str:
-    """``baddbmm(input, b1, b2)``: input + b1 @ b2 over batched [b m k] x [b k n]; k whole (input is added once)."""
+    """``baddbmm(input, b1, b2)``: beta * input + alpha * b1 @ b2 over batched [b m k] x [b k n]; input a summand.
+
+    ``beta`` scales the summand on every rank, so a Partial summand still sums to ``beta * input``.
+    """
     bias, a, b = (call.inputs + [None, None, None])[:3]
     if len(call.inputs) != 3 or a.ndim != 3 or b.ndim != 3 or bias.ndim > 3:
         return _opaque(call)
@@ -606,7 +611,7 @@ def _baddbmm(call: OpCall) -> str:
     offset = 3 - bias.ndim
     bias_spec = _fmt(["1" if size == 1 and call.outputs[0].shape[offset + i] != 1 else full[i]
                       for i, size in enumerate(bias.shape)])
-    return f"{bias_spec}, b m k^, b k^ n -> b m n"
+    return f"+{bias_spec}, b m k, b k n -> b m n"
 
 
 def _transpose_2d(call: OpCall) -> str:

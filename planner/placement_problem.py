@@ -26,7 +26,7 @@ from .op_costs import (
     saved_inputs,
     saves_output,
 )
-from .plan import REPLICATE, Mesh, Plan, PlanError, op_placements
+from .plan import REPLICATE, Mesh, Plan, PlanError, op_placements, stored_placement
 from .sequence_split import extra_split_names
 from .solver import elimination_order, minimize
 from .topology import replicas_cross_nodes
@@ -176,7 +176,7 @@ class PlacementProblem:
         kind = source[0]
         if kind == "out":
             return self.vars[source[1]].outs[s][source[2]]
-        return self.vars[source[1]].ins[s][source[2]]
+        return stored_placement(self.vars[source[1]].ins[s][source[2]])  # a parameter, as resolve_placements stores it
 
     def _redistribution(self, tid: int, src: tuple, dst: tuple) -> tuple[float, float]:
         t = self.graph.tensors[tid]
@@ -254,7 +254,7 @@ class PlacementProblem:
                 parts["kept"][s] = sum(self._tensor_bytes(t, p) for t, p in zip(out_ids, var.outs[s]))
             for pos in self.param_owner.get(v, []):
                 t = self.graph.tensors[in_ids[pos]]
-                p = var.ins[s][pos]
+                p = stored_placement(var.ins[s][pos])
                 numel = int(np.prod(local_shape(t.shape, p, self.mesh), dtype=np.int64))
                 st = param_state(numel, t.dtype, replica_count(p, self.mesh), self.hw, self.dp_size, self.zero,
                                  replicas_cross_nodes(p, self.mesh, self.hw, self.dp_size), self.accumulation)

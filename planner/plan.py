@@ -2,7 +2,9 @@
 
 A ``Plan`` is what a policy returns. ``resolve_placements`` turns it into per-tensor placements,
 checking every split against the op's annotation (``^`` never split, a group ``(h d)`` only by
-its outermost name, sizes divisible by the axis size).
+its outermost name, sizes divisible by the axis size). Where a split reduction leaves an op's
+output Partial, its summands (``+`` in the annotation: a bias) are required Partial too, so
+they are added once over the axis.
 """
 
 from __future__ import annotations
@@ -204,7 +206,14 @@ def op_placements(graph: Graph, op: Op, split: tuple[str | None, ...], mesh: Mes
                     )
         for i in range(len(in_ids)):
             where = _dim_of(ann.inputs, i, name)
-            ins[i].append(Shard(where[0]) if where else REPLICATE)
+            if where:
+                ins[i].append(Shard(where[0]))
+            elif ann.inputs[i].summand and name in ann.reductions:
+                # Every rank's output is a partial sum; a summand added whole on each rank would be
+                # counted axis-size times, so it enters as a Partial too (one rank holds it).
+                ins[i].append(PARTIAL)
+            else:
+                ins[i].append(REPLICATE)
         for i in range(len(out_ids)):
             where = _dim_of(ann.outputs, i, name)
             if where:
@@ -220,11 +229,19 @@ def op_placements(graph: Graph, op: Op, split: tuple[str | None, ...], mesh: Mes
     return [tuple(p) for p in ins], [tuple(p) for p in outs]
 
 
+def stored_placement(wanted: TensorPlacement) -> TensorPlacement:
+    """How a parameter whose first reader wants ``wanted`` is stored: as wanted, but whole where
+    that is Partial (a summand of a split reduction); the reader's redistribution makes it Partial.
+    """
+    return tuple(REPLICATE if isinstance(p, Partial) else p for p in wanted)
+
+
 def resolve_placements(graph: Graph, plan: Plan) -> ResolvedPlan:
     """Check a plan against every op's annotation and derive all placements.
 
     Sources (inputs, buffers, constants) are stored replicated; a parameter is stored the way its
-    first consumer needs it, so the common single-consumer case needs no communication.
+    first consumer needs it (``stored_placement``), so the common single-consumer case needs no
+    communication.
     """
     if plan.mesh.size < 1:
         raise PlanError("empty mesh")
@@ -244,7 +261,7 @@ def resolve_placements(graph: Graph, plan: Plan) -> ResolvedPlan:
             t = graph.tensors[tid]
             if tid not in stored:
                 if t.kind == "parameter":
-                    stored[tid] = p
+                    stored[tid] = stored_placement(p)
                 elif t.kind != ACTIVATION:
                     stored[tid] = replicated
         for tid, p in zip(op.output_ids(), outs):

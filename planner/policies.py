@@ -100,7 +100,8 @@ def follow(graph: Graph, op: Op, produced: dict[int, tuple], mesh: Mesh, axis: i
             have = produced.get(tid)
             if have is None:  # a parameter: stored as this op wants it
                 continue
-            if have[axis] == want[axis] or isinstance(have[axis], Replicate) and isinstance(want[axis], Shard):
+            # From Replicate, a Shard is a local slice and a Partial (a summand) local zeros: no communication.
+            if have[axis] == want[axis] or isinstance(have[axis], Replicate) and isinstance(want[axis], Shard | Partial):
                 continue
             # An all-reduce moves twice the bytes of a reduce-scatter or an all-gather.
             both = isinstance(have[axis], Partial) and isinstance(want[axis], Replicate)

@@ -3,7 +3,9 @@
 Per mesh axis the table of ``planner/collectives.py`` applies (docs/design.md, "Placements and
 the redistribution table"). On a 2-D mesh several axes may change at once; steps that shrink the
 local tensor (local slice, reduce-scatter) run first and the all-gathers last, so every
-collective moves as few bytes as the target placement allows.
+collective moves as few bytes as the target placement allows. Only a summand of a split
+reduction (``+`` in an annotation) is wanted Partial: from Replicate by the table's entry, from
+Shard by an all-gather first.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .collectives import COLLECTIVES_TABLE, collective_for
-from .plan import Partial, PlanError, TensorPlacement
+from .plan import REPLICATE, Partial, PlanError, Shard, TensorPlacement
 
 
 @dataclass(frozen=True)
@@ -24,21 +26,22 @@ class Step:
     dim2: int | None = None  # all_to_all: the target shard dim
 
 
-def _axis_step(src: object, dst: object, axis: int) -> Step | None:
+def _axis_steps(src: object, dst: object, axis: int) -> list[Step]:
     if src == dst:
-        return None
-    if isinstance(dst, Partial):
-        raise PlanError(f"no consumer may require a Partial tensor (axis {axis}: {src} -> {dst})")
+        return []
+    if isinstance(dst, Partial) and isinstance(src, Shard):
+        # A sharded summand (rare: biases are parameters, stored whole) is gathered, then made Partial.
+        return _axis_steps(src, REPLICATE, axis) + _axis_steps(REPLICATE, dst, axis)
     collective = collective_for(src, dst)
     if collective is None:
         raise PlanError(f"no redistribution from {src} to {dst}")
     dims = [(src if which == "source" else dst).dim for which in collective.dims]
-    return Step(collective.kind, axis, *dims)
+    return [Step(collective.kind, axis, *dims)]
 
 
 def redistribution_steps(src: TensorPlacement, dst: TensorPlacement) -> list[Step]:
     """The collectives, in execution order, that turn placement ``src`` into ``dst``."""
-    steps = [s for axis, (a, b) in enumerate(zip(src, dst)) if (s := _axis_step(a, b, axis)) is not None]
+    steps = [s for axis, (a, b) in enumerate(zip(src, dst)) for s in _axis_steps(a, b, axis)]
     return sorted(steps, key=lambda s: (COLLECTIVES_TABLE[s.kind].order, s.axis))
 
 

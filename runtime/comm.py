@@ -18,6 +18,7 @@ So every forward transition A -> B has the backward transition grad(B) -> grad(A
 | reduce_scatter  | Partial -> Shard(dim)       | all-gather along dim              |
 | all_to_all      | Shard(g) -> Shard(s)        | all-to-all Shard(s) -> Shard(g)   |
 | local_slice     | Replicate -> Shard(dim)     | zero-padded placement, no comm    |
+| replicate_to_partial | Replicate -> Partial   | itself: first rank keeps, no comm |
 | scale_grad      | identity                    | grad * factor                     |
 
 The planner's table of collectives (``planner/collectives.py``) names each of these functions
@@ -37,7 +38,8 @@ import torch.distributed as dist
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-__all__ = ["all_gather", "all_reduce", "all_to_all", "local_slice", "reduce_scatter", "scale_grad"]
+__all__ = ["all_gather", "all_reduce", "all_to_all", "local_slice", "reduce_scatter", "replicate_to_partial",
+           "scale_grad"]
 
 # torch renamed the single-tensor collectives (all_gather_into_tensor -> all_gather_single);
 # the old names still work on the torch versions we support but emit a FutureWarning.
@@ -252,6 +254,19 @@ class _LocalSlice(torch.autograd.Function):
         return _place_chunk(grad, ctx.dim, ctx.size, ctx.rank), None, None, None
 
 
+class _ReplicateToPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, keep: bool) -> torch.Tensor:
+        ctx.keep = keep
+        return x.view_as(x) if keep else torch.zeros_like(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # Zeros, not None: the other ranks' parameter still gets a gradient for the reducer to sum.
+        return (grad if ctx.keep else torch.zeros_like(grad)), None
+
+
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -345,6 +360,20 @@ def local_slice(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.
     if size == 1:
         return x
     return _LocalSlice.apply(x, dim, size, rank)
+
+
+def replicate_to_partial(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Replicate -> Partial without communication: `x` on the group's first rank, zeros elsewhere.
+
+    The sum over the group is `x` once. Used for a summand of a split reduction (a row-parallel
+    linear's bias), which every rank would otherwise add to its partial sum. Backward is the same
+    transition: the Replicate gradient of the result, kept on the first rank and zero elsewhere, is
+    the Partial gradient of the Replicate input.
+    """
+    size, rank = _group_size_and_rank(group, "replicate_to_partial")
+    if size == 1:
+        return x
+    return _ReplicateToPartial.apply(x, rank == 0)
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:

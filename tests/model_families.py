@@ -68,9 +68,6 @@ KNOWN_GAPS = {
                 "through views yet, so the compiled model would read an uninitialised key",
     "youtu": "writes into a view (key_states[..., :n].copy_(...)); the tracer does not follow writes "
              "through views yet, so the compiled model would read an uninitialised key",
-    "starcoder2": "biased o_proj: a linear with a bias keeps its input dim whole, so policy tp cannot "
-                  "row-split it (tp_sp and auto can)",
-    "jais2": "biased o_proj: a linear with a bias keeps its input dim whole, so policy tp cannot row-split it",
     "ctrl": "generated code passes a numpy scalar it does not import (NameError at run time)",
     "hrm_text": "recurrent reasoning cycles run partly without gradient; the compiled gradient of its "
                 "initial state differs",

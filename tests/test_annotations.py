@@ -45,9 +45,22 @@ def test_ellipsis_binds_fresh_names_from_the_right():
     assert str(ann.inputs[0]) == "_e0 d"
 
 
+def test_summands_are_marked_and_survive_binding():
+    ann = parse_annotation("... k, n k, +n -> ... n")
+    assert [s.summand for s in ann.inputs] == [False, False, True]
+    assert ann.reductions == {"k"} and ann.splittable() == ["k", "n"]  # the summed dim may split
+    assert str(ann) == "... k, n k, +n -> ... n"
+    bound = ann.bind([3, 2, 1], [3])
+    assert bound.inputs[2].summand and str(bound) == "_e0 _e1 k, n k, +n -> _e0 _e1 n"
+    assert str(parse_annotation("+, m k, k n -> m n").inputs[0]) == "+"  # a 0-d summand
+    assert str(parse_annotation("+b 1 n, b m k, b k n -> b m n")) == "+b 1 n, b m k, b k n -> b m n"
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
+        ("m k, +k -> m", "has dim 'k', which no output has"),
+        ("m k -> +m", "marks an output '+'"),
         ("b l d", "exactly one '->'"),
         ("b l -> b -> l", "exactly one '->'"),
         ("b (h d -> b h d", "unbalanced '('"),

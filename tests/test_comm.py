@@ -25,7 +25,15 @@ from dimshard.planner.hardware import COLLECTIVES
 from dimshard.planner.plan import PARTIAL, REPLICATE, Shard
 from dimshard.planner.redistribute import redistribution_steps
 from dimshard.runtime import comm
-from dimshard.runtime.comm import all_gather, all_reduce, all_to_all, local_slice, reduce_scatter, scale_grad
+from dimshard.runtime.comm import (
+    all_gather,
+    all_reduce,
+    all_to_all,
+    local_slice,
+    reduce_scatter,
+    replicate_to_partial,
+    scale_grad,
+)
 from dimshard.runtime.distributed import destroy_parallel, init_parallel
 
 # ----------------------------------------------------------------------------------------------
@@ -68,10 +76,18 @@ def _check_case(
     n_parts = mesh.sizes[partial_axes[0]] if partial_axes else 1
     parts = [torch.randn(*shape, generator=generator).to(dtype) for _ in range(n_parts)]
     full = sum(p.float() for p in parts)
-    weights = [
-        torch.randn(_piece([full], dst, coords, mesh.sizes).shape, generator=generator)
-        for coords in mesh.coords
-    ]
+    # A Partial result stands for its sum over the axis, so the loss may depend on that sum only:
+    # one weight per group of ranks that differ only on Partial axes.
+    partial_out = [a for a, p in enumerate(dst) if p == "P"]
+    whole = ["R" if p == "P" else p for p in dst]
+
+    def key(coords: Sequence[int]) -> tuple[int, ...]:
+        return tuple(0 if a in partial_out else c for a, c in enumerate(coords))
+
+    weights = {
+        k: torch.randn(_piece([full], whole, k, mesh.sizes).shape, generator=generator)
+        for k in dict.fromkeys(key(coords) for coords in mesh.coords)
+    }
 
     x = _piece(parts, src, me, mesh.sizes).clone()
     if non_contiguous:
@@ -81,13 +97,14 @@ def _check_case(
     y = op(x)
     assert y.dtype == dtype
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
-    torch.testing.assert_close(y.float(), _piece([full], dst, me, mesh.sizes), **tol)
-    (y.float() * weights[rank]).sum().backward()
+    total = y.detach().float().clone()  # summed in place below; y stays as computed
+    for a in partial_out:
+        dist.all_reduce(total, group=mesh.groups[a])
+    torch.testing.assert_close(total, _piece([full], whole, me, mesh.sizes), **tol)
+    (y.float() * weights[key(me)]).sum().backward()
 
     reference = full.clone().requires_grad_(True)
-    sum(
-        (_piece([reference], dst, coords, mesh.sizes) * w).sum() for coords, w in zip(mesh.coords, weights)
-    ).backward()
+    sum((_piece([reference], whole, k, mesh.sizes) * w).sum() for k, w in weights.items()).backward()
     grad = x.grad.float()
     assert x.grad.shape == x.shape and x.grad.dtype == dtype
     for a, p in enumerate(src):
@@ -108,6 +125,7 @@ def _one_axis_cases(group: dist.ProcessGroup | None) -> list[tuple[Callable, lis
         cases.append((functools.partial(reduce_scatter, dim=dim, group=group), ["P"], [f"S{dim}"], dim == -1))
         cases.append((functools.partial(local_slice, dim=dim, group=group), ["R"], [f"S{dim}"], dim == 0))
     cases.append((functools.partial(all_reduce, group=group), ["P"], ["R"], True))
+    cases.append((functools.partial(replicate_to_partial, group=group), ["R"], ["P"], True))
     for gather_dim, scatter_dim in ((0, 2), (-1, 1), (1, 0)):
         op = functools.partial(all_to_all, gather_dim=gather_dim, scatter_dim=scatter_dim, group=group)
         cases.append((op, [f"S{gather_dim}"], [f"S{scatter_dim}"], gather_dim == 1))
@@ -167,6 +185,7 @@ def _check_edge_cases() -> None:
     assert reduce_scatter(x, -1, alone) is x
     assert all_to_all(x, 0, 1, alone) is x
     assert local_slice(x, 0, alone) is x
+    assert replicate_to_partial(x, alone) is x
 
     odd = torch.randn(world + 1, 2 * world)
     for call in (
@@ -341,6 +360,10 @@ def _check_mesh_and_layout() -> dict:
         (lambda x: all_reduce(local_slice(x, -1, tp), sp), ["R", "P"], ["S2", "R"]),
         # replicated on tp: the gradient must be Partial over tp
         (lambda x: all_gather(x, 2, sp), ["R", "S2"], ["R", "R"]),
+        # a summand of a sum split on tp (a row-parallel bias), sharded on sp
+        (lambda x: replicate_to_partial(x, tp), ["R", "S1"], ["P", "S1"]),
+        # a sharded summand: gathered, then Partial on the same axis (planner/redistribute.py)
+        (lambda x: replicate_to_partial(all_gather(x, 0, tp), tp), ["S0", "S1"], ["P", "S1"]),
     ]
     for i, (op, src, dst) in enumerate(cases):
         for dtype in (torch.float32, torch.bfloat16):

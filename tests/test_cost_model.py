@@ -161,6 +161,34 @@ def test_tensor_parallel_estimate_counts_its_all_reduces(mini):
         mini, PolicyContext(1))), HW).memory["parameters"]
 
 
+class _BiasedLinear(torch.nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(256, 512, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).sum()
+
+
+def test_a_row_split_bias_is_priced_as_zeros_written_on_the_other_ranks():
+    import dataclasses
+
+    hw = dataclasses.replace(HW, kernel_launch_us=5.0)
+    mesh = Mesh(("tp",), (2,))
+    fill = 512 * 4 / 1e12 + 5e-6  # the zeros (or their gradient) of a 512-float bias, plus a launch
+    made_partial = redistribution_cost((512,), 4, (REPLICATE,), (PARTIAL,), mesh, hw, backward=True)
+    assert made_partial.forward == (("replicate_to_partial", 0, 0.0, pytest.approx(fill)),)
+    assert made_partial.backward == made_partial.forward
+    comm = {}
+    for bias in (True, False):
+        g = trace(_BiasedLinear(bias), {"x": torch.randn(4, 128, 256)})
+        linear = next(op for op in g.ops if op.name == "torch.nn.functional.linear")
+        est = estimate(g, resolve_placements(g, Plan(mesh, {linear.index: ("k",)})), hw)
+        assert [c.kind for c in est.collectives].count("all_reduce") == 2  # the Partial output, forward and backward
+        comm[bias] = est.comm_s
+    assert comm[True] - comm[False] == pytest.approx(2 * fill)
+
+
 def test_shipped_profiles_load_and_mark_estimates():
     assert {"h100", "h200", "cpu"} <= set(shipped_profiles())
     h200, h100 = load_hw_profile("h200"), load_hw_profile("h100")

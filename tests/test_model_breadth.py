@@ -26,7 +26,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 from model_families import KNOWN_GAPS, SEQUENCE, causal_lm_families, family_status, tiny_config
-from parallel_harness import rank_step
+from parallel_harness import assert_matches_reference, rank_step, reference_step
 
 TOL = 1e-5  # the loss, absolute
 # A gradient, relative to its largest entry (when that exceeds 1): sums over every token in fp32, in
@@ -36,18 +36,20 @@ POLICIES = ("tp", "tp_sp")
 BATCH = 2
 
 
-def _models(model_type: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _models(model_type: str, **overrides: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(the Hugging Face reference, the same weights with attn_implementation="dimshard").
 
     The reference runs Hugging Face's sdpa attention where the family supports it (Gemma 4's
     eager attention differs from its own sdpa by 1e-6 in float64), eager where it does not or
-    soft-caps the scores (Gemma 2).
+    soft-caps the scores (Gemma 2). ``overrides`` are config fields set on the tiny config.
     """
     from transformers import AutoModelForCausalLM
 
     from dimshard.kernels.hf_attention import register
 
     config = tiny_config(model_type)
+    for name, value in overrides.items():
+        setattr(config, name, value)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
@@ -275,9 +277,9 @@ def _annotation(name: str, inputs: list[tuple[int, ...]], outputs: list[tuple[in
     ("torch.repeat_interleave", [(1, 8, 4)], [(1, 8, 8)], (2, -1), "d0 d1 d2 -> d0 d1 (d2 r)"),
     ("torch.Tensor.repeat_interleave", [(2, 8, 4)], [(2, 8, 4)], (1, 1), "d0 d1 d2 -> d0 d1 d2"),
     ("torch.Tensor.repeat", [(2, 4)], [(2, 8)], (1, 2), "x0 x1^ -> x0 x2^"),
-    # GPT-2's Conv1D and ALiBi-style batched products with an added input: the summed dim stays whole.
-    ("torch.addmm", [(96,), (16, 64), (64, 96)], [(16, 96)], (), "n, m k^, k^ n -> m n"),
-    ("torch.baddbmm", [(8, 1, 16), (8, 16, 4), (8, 4, 16)], [(8, 16, 16)], (), "b 1 n, b m k^, b k^ n -> b m n"),
+    # GPT-2's Conv1D and ALiBi-style batched products: the added input is a summand, the summed dim splits.
+    ("torch.addmm", [(96,), (16, 64), (64, 96)], [(16, 96)], (), "+n, m k, k n -> m n"),
+    ("torch.baddbmm", [(8, 1, 16), (8, 16, 4), (8, 4, 16)], [(8, 16, 16)], (), "+b 1 n, b m k, b k n -> b m n"),
     # Binary max/min are elementwise (a dim argument makes them reductions).
     ("torch.max", [(2, 8), (2, 8)], [(2, 8)], (), "d0 d1, d0 d1 -> d0 d1"),
     ("torch.Tensor.index_select", [(64, 16), (8,)], [(8, 16)], (0,), "d0^ d1, s^ -> s^ d1"),
@@ -385,3 +387,63 @@ def test_breadth_benchmark_runs_on_cpu(tmp_path):
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [r["family"] for r in records] == ["mistral", "gemma2", "stablelm"]
     assert all("error" not in r and r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in records), records
+
+
+# --------------------------------------------------------------------------------------------
+# Row-parallel projections with a bias (Starcoder2's o_proj, Jais2's o_proj and down_proj)
+# --------------------------------------------------------------------------------------------
+
+# Heads that split over 4 ranks too (TINY's 2 key/value heads do not).
+FOUR_WAY_HEADS = {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8}
+
+
+def _row_split_biased_linears(result: Any) -> list[str]:
+    """Biased linears the compiled plan splits along their input features: the bias enters Partial, once."""
+    from dimshard.planner.plan import PARTIAL, Shard
+
+    graph, resolved = result.graph, result.resolved
+    names = []
+    for op in graph.ops:
+        if op.name != "torch.nn.functional.linear" or len(op.input_ids()) != 3:
+            continue
+        [x, weight, bias] = resolved.op_inputs[op.index]
+        if weight == (Shard(1),) and bias == (PARTIAL,) and resolved.op_outputs[op.index] == [(PARTIAL,)]:
+            names.append(graph.tensors[op.input_ids()[2]].name)
+    return names
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("policy", ["tp", "tp_sp"])
+@pytest.mark.parametrize("family", ["starcoder2", "jais2"])
+def test_tp_row_splits_biased_projections_and_matches_hugging_face(tmp_path, family, policy, ranks):
+    """tp (all-reduce after the row split) and tp_sp (reduce-scatter) on 2 and 4 ranks: loss, gradients
+    and parameters after one step equal Hugging Face's."""
+    from safetensors.torch import save_file
+
+    from dimshard.planner import CompileConfig, compile_model
+
+    reference, ours = _models(family, **({} if ranks == 2 else FOUR_WAY_HEADS))
+    # Hugging Face initialises biases to zero, which would hide a bias added twice, or not at all, from the loss.
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for (name, mine), theirs in zip(reference.named_parameters(), ours.parameters()):
+            if name.endswith(".bias"):
+                theirs.copy_(mine.copy_(torch.randn(mine.shape, generator=generator) * 0.5))
+    input_ids = torch.randint(0, 128, (BATCH, SEQUENCE), generator=torch.Generator().manual_seed(0))
+    config = CompileConfig(plan_ngpus=ranks, policy=policy, loss="chunked_cross_entropy", loss_chunk_size=5)
+    result = compile_model(ours, {"input_ids": input_ids, "labels": input_ids.clone()}, tmp_path / "out", config)
+    row_split = _row_split_biased_linears(result)
+    expected = {"starcoder2": ["o_proj"], "jais2": ["o_proj", "down_proj"]}[family]
+    assert sorted({name.split(".")[-2] for name in row_split}) == sorted(expected), row_split
+    assert len(row_split) == len(expected) * reference.config.num_hidden_layers, row_split
+    src = (tmp_path / "out" / "gencode" / "rank1.py").read_text()
+    assert src.count("comm.replicate_to_partial(") == len(row_split)
+    assert ("comm.reduce_scatter(" in src) == (policy == "tp_sp")
+    save_file({n: p.detach().contiguous() for n, p in ours.named_parameters()}, str(tmp_path / "weights.safetensors"))
+    # SGD makes the update proportional to the gradient (a bias summed once per rank would show);
+    # AdamW as the trainer's optimizer, with a small first, sign-like step.
+    optimizer, lr = ("sgd", 1e-2) if ranks == 2 else ("adamw", 1e-3)
+    ref = reference_step(copy.deepcopy(reference), input_ids, optimizer, lr)
+    results = run_distributed(rank_step, ranks, str(tmp_path / "out"), str(tmp_path / "weights.safetensors"),
+                              input_ids, optimizer, lr)
+    assert_matches_reference(results, ref, TOL)

@@ -3,9 +3,11 @@
 For each case and each dim name the bound annotation lets a plan split, the inputs are sliced on
 2 and 4 simulated ranks (one process) along the tensor dims carrying that name, the op runs on
 each slice, and the outputs are concatenated along the dims carrying the name, or summed where
-the name is a reduction (Partial); the result must equal the unsplit op in float64. A registered
-rule without a case fails ``test_every_rule_has_a_case`` (add one to CASES, or to UNCOVERED with
-the reason).
+the name is a reduction (Partial); the result must equal the unsplit op in float64. A summand
+(``+``, a bias) of a split reduction is Partial as the plan places it: the first rank holds it,
+the others zeros. A case key ``name#variant`` is another call of op ``name`` (a linear with a bias).
+A registered rule without a case fails ``test_every_rule_has_a_case`` (add one to CASES, or to
+UNCOVERED with the reason).
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ CASES.update({
                                                                                   _t(2, 4, 8, 4))),
     "torch.where": (torch.where, (torch.rand(4, 8, generator=G) > 0.5, _t(4, 8), _t(4, 8))),
     "torch.Tensor.masked_fill": (torch.Tensor.masked_fill, (_t(4, 8), torch.rand(4, 8, generator=G) > 0.5, 0.0)),
+    # Products with a summand (a bias): the summed dim k splits too, the summand added once.
+    "torch.nn.functional.linear#bias": (F.linear, (_t(2, 4, 8), _t(8, 8), _t(8))),
+    "torch.addmm": (torch.addmm, (_t(4), _t(4, 8), _t(8, 4))),  # GPT-2's Conv1D
+    "torch.addmm#bias_mn": (torch.addmm, (_t(4, 1), _t(4, 8), _t(8, 4))),
+    "torch.baddbmm": (lambda s, a, b: torch.baddbmm(s, a, b, beta=0.5, alpha=2.0), (_t(4, 1, 4), _t(4, 4, 8),
+                                                                                     _t(4, 8, 4))),
+    "torch.Tensor.baddbmm": (torch.Tensor.baddbmm, (_t(4, 4), _t(4, 4, 8), _t(4, 8, 4))),
 })
 # Registered rules without a generic case yet (factories, indexing, rules of kernels tested in
 # tests/test_kernels_*.py, integer and comparison ops): listed so that a new rule still fails.
@@ -91,7 +100,7 @@ UNCOVERED = {
     'torch.Tensor.__le__', 'torch.Tensor.__lt__', 'torch.Tensor.__mod__', 'torch.Tensor.__ne__',
     'torch.Tensor.__or__', 'torch.Tensor.__pow__', 'torch.Tensor.__rpow__', 'torch.Tensor.__setitem__',
     'torch.Tensor.add_', 'torch.Tensor.addcmul', 'torch.Tensor.all', 'torch.Tensor.amin', 'torch.Tensor.any',
-    'torch.Tensor.baddbmm', 'torch.Tensor.bfloat16', 'torch.Tensor.bitwise_and', 'torch.Tensor.bitwise_not',
+    'torch.Tensor.bfloat16', 'torch.Tensor.bitwise_and', 'torch.Tensor.bitwise_not',
     'torch.Tensor.bitwise_or', 'torch.Tensor.bmm', 'torch.Tensor.bool', 'torch.Tensor.chunk',
     'torch.Tensor.clamp', 'torch.Tensor.clamp_', 'torch.Tensor.clamp_max', 'torch.Tensor.clamp_min',
     'torch.Tensor.clip', 'torch.Tensor.copy_', 'torch.Tensor.cumprod', 'torch.Tensor.cumsum',
@@ -115,8 +124,8 @@ UNCOVERED = {
     'torch.__ge__', 'torch.__gt__', 'torch.__invert__', 'torch.__le__', 'torch.__lt__', 'torch.__mod__',
     'torch.__mul__', 'torch.__ne__', 'torch.__neg__', 'torch.__or__', 'torch.__pow__', 'torch.__radd__',
     'torch.__rmul__', 'torch.__rpow__', 'torch.__rsub__', 'torch.__rtruediv__', 'torch.__sub__',
-    'torch.__truediv__', 'torch.add_', 'torch.addcmul', 'torch.addmm', 'torch.all', 'torch.amax', 'torch.amin',
-    'torch.any', 'torch.arange', 'torch.as_tensor', 'torch.baddbmm', 'torch.bfloat16', 'torch.bitwise_and',
+    'torch.__truediv__', 'torch.add_', 'torch.addcmul', 'torch.all', 'torch.amax', 'torch.amin',
+    'torch.any', 'torch.arange', 'torch.as_tensor', 'torch.bfloat16', 'torch.bitwise_and',
     'torch.bitwise_not', 'torch.bitwise_or', 'torch.bool', 'torch.chunk', 'torch.clamp', 'torch.clamp_',
     'torch.clamp_max', 'torch.clamp_min', 'torch.clip', 'torch.concat', 'torch.concatenate', 'torch.contiguous',
     'torch.copy_', 'torch.cumprod', 'torch.diff', 'torch.div_', 'torch.double', 'torch.empty',
@@ -159,8 +168,13 @@ def _tensors(args: tuple) -> list[torch.Tensor]:
     return flat
 
 
+def _op_name(case: str) -> str:
+    """The op a case key names: ``torch.nn.functional.linear#bias`` is a call of ``torch.nn.functional.linear``."""
+    return case.split("#")[0]
+
+
 def _annotation(name: str, fn, args: tuple):
-    rule = registered_ops()[name].rule
+    rule = registered_ops()[_op_name(name)].rule
     out = fn(*args)
     outs = list(out) if isinstance(out, tuple | list) else [out]
     ins = _tensors(args)
@@ -183,7 +197,10 @@ def _shard_args(args: tuple, ann, name: str, ranks: int, r: int) -> tuple:
     specs = iter(ann.inputs)
 
     def piece(t: torch.Tensor) -> torch.Tensor:
-        d = _dim_of(next(specs), name)
+        spec = next(specs)
+        d = _dim_of(spec, name)
+        if d is None and spec.summand and name in ann.reductions:
+            return t if r == 0 else torch.zeros_like(t)  # Partial: added once over the ranks
         return t if d is None else t.chunk(ranks, d)[r]
 
     return tuple(piece(a) if isinstance(a, torch.Tensor) else [piece(x) for x in a] if isinstance(a, list) else a
@@ -191,7 +208,7 @@ def _shard_args(args: tuple, ann, name: str, ranks: int, r: int) -> tuple:
 
 
 def _localize(name: str, args: tuple, local_out: tuple[int, ...]) -> tuple:
-    localize = registered_ops()[name].localize
+    localize = registered_ops()[_op_name(name)].localize
     if localize is None:
         return args
     if name == "torch.Tensor.view":  # view(*sizes) is traced as view(x, *sizes): codegen passes one shape
@@ -232,5 +249,27 @@ def test_every_rule_has_a_case() -> None:
     # folder when its root is on sys.path; those registrations are copies of dimshard.kernels'.
     missing = {n for n, r in registered_ops().items()
                if r.rule is not None and r.traced and not n.startswith(("tests.", "test_", "kernels."))}
-    missing -= set(CASES) | UNCOVERED
+    missing -= {_op_name(case) for case in CASES} | UNCOVERED
     assert not missing, f"rules without a case in tests/test_op_rules.py: {sorted(missing)}"
+
+
+def test_a_split_sum_places_its_summand_partial_and_stores_it_whole() -> None:
+    """A row-split biased linear: output and bias Partial, the bias stored whole and made Partial locally."""
+    from dimshard.planner.plan import PARTIAL, REPLICATE, Mesh, Plan, Shard, op_placements, resolve_placements
+    from dimshard.planner.redistribute import redistribution_steps
+    from dimshard.planner.trace import trace
+
+    graph = trace(torch.nn.Linear(8, 4), {"input": torch.randn(2, 8)})
+    [op] = [op for op in graph.ops if op.name == "torch.nn.functional.linear"]
+    assert str(op.annotation) == "_e0 k, n k, +n -> _e0 n"
+    mesh = Mesh(("tp",), (2,))
+    ins, outs = op_placements(graph, op, ("k",), mesh)
+    assert ins == [(Shard(1),), (Shard(1),), (PARTIAL,)] and outs == [(PARTIAL,)]
+    ins, outs = op_placements(graph, op, ("n",), mesh)  # column split: the bias splits with the features
+    assert ins == [(REPLICATE,), (Shard(0),), (Shard(0),)] and outs == [(Shard(1),)]
+    resolved = resolve_placements(graph, Plan(mesh, {op.index: ("k",)}))
+    bias = op.input_ids()[2]
+    assert resolved.stored[bias] == (REPLICATE,)
+    assert [s.kind for s in redistribution_steps(resolved.stored[bias], (PARTIAL,))] == ["replicate_to_partial"]
+    # A sharded summand is gathered first, then made Partial on the same axis.
+    assert [s.kind for s in redistribution_steps((Shard(0),), (PARTIAL,))] == ["all_gather", "replicate_to_partial"]
