@@ -14,6 +14,12 @@ tracer records it as one op:
 
 ``scaled_dot_product_attention`` is a drop-in for torch's sdpa that picks the backend (not an op
 of its own: the planner annotates torch's sdpa with its own rule and substitutes this).
+``context_parallel.sequence_split_attention`` is the attention of a sequence split across ranks.
+
+Beside the op modules: ``chunk_loss/`` (how the chunked loss is tiled, the arithmetic on a tile),
+``sequence_split/`` (the zigzag layout, blocks and transfers of sequence-split attention),
+``triton_kernels/`` (the Triton implementations, imported only when Triton runs) and
+``_cp_reorder.py`` (the zigzag reorders generated code calls around collectives).
 """
 
 from __future__ import annotations

@@ -58,15 +58,10 @@ def _load_flash_attn() -> Callable[..., Any] | None:
 
 
 def cudnn_can_run(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    enable_gqa: bool = False,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, enable_gqa: bool = False,
 ) -> bool:
-    """Whether PyTorch's cuDNN attention backend accepts this call (False off CUDA)."""
+    """Whether PyTorch's cuDNN attention backend accepts a call with these ``SDPAParams`` (False off CUDA)."""
     if not query.is_cuda:
         return False
     try:
@@ -146,20 +141,18 @@ def scaled_dot_product_attention(
     is installed and computes the same function, that package runs it. Off CUDA this is torch's
     sdpa unchanged.
     """
-    if not query.is_cuda:
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa,
-        )
-    checks = (query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    flash_attn_func = _load_flash_attn()
-    if (
-        flash_attn_func is not None
-        and flash_attn_applicable(query, key, value, attn_mask, is_causal, enable_gqa)
-        and not cudnn_can_run(*checks)
-    ):
-        return flash_attn_sdpa(flash_attn_func, query, key, value, dropout_p, is_causal, scale)
-    with _prefer_cudnn(checks):
+    backend_order: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if query.is_cuda:
+        checks = (query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        flash_attn_func = _load_flash_attn()
+        if (
+            flash_attn_func is not None
+            and flash_attn_applicable(query, key, value, attn_mask, is_causal, enable_gqa)
+            and not cudnn_can_run(*checks)
+        ):
+            return flash_attn_sdpa(flash_attn_func, query, key, value, dropout_p, is_causal, scale)
+        backend_order = _prefer_cudnn(checks)
+    with backend_order:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa,

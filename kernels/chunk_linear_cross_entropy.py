@@ -50,9 +50,7 @@ import torch.nn.functional as F
 
 from dimshard.planner.registry import OpCall, register_op
 
-from ._chunk_ce_parts import (
-    _RECOMPUTE_CHUNK,
-    _RENORMALISE_EVERY,
+from .chunk_loss.tile_math import (
     _add_bias_grad_,
     _add_matmul_,
     _autocast_off,
@@ -62,13 +60,11 @@ from ._chunk_ce_parts import (
     _logit_map_slope,
     _map_logits_,
     _new_weight_grad,
-    _Plan,
     _rows,
     _uniform_value,
-    precompute_tile_sizes,
-    tile_sizes,
 )
-from ._triton_common import use_triton
+from .chunk_loss.tiling import _RECOMPUTE_CHUNK, _RENORMALISE_EVERY, _Plan, precompute_tile_sizes, tile_sizes
+from .triton_kernels.common import use_triton
 
 
 def chunk_linear_cross_entropy_reference(
@@ -97,7 +93,7 @@ def chunk_linear_cross_entropy_reference(
 
 def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     if use_triton(logits):
-        from . import _triton_cross_entropy as kernels
+        from .triton_kernels import cross_entropy as kernels
 
         return kernels.row_logsumexp(logits)
     return torch.logsumexp(logits.float(), dim=-1)
@@ -106,7 +102,7 @@ def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
 def _softmax_grad_(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """In place: (softmax(logits) - onehot(target)) * scale per row; target outside the tile matches no column."""
     if use_triton(logits):
-        from . import _triton_cross_entropy as kernels
+        from .triton_kernels import cross_entropy as kernels
 
         return kernels.softmax_grad_(logits, lse, target, scale)
     vocab = logits.shape[1]
@@ -120,7 +116,7 @@ def _softmax_grad_(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor
 def _compensated_add_(hi: torch.Tensor, lo: torch.Tensor, part: torch.Tensor | None) -> None:
     """In place: (hi, lo) <- (rounded sum, rounding residual) of hi + lo + part (part fp32; None: 0)."""
     if use_triton(hi):
-        from . import _triton_cross_entropy as kernels
+        from .triton_kernels import cross_entropy as kernels
 
         kernels.compensated_add_(hi, lo, part)
         return

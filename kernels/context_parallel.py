@@ -1,12 +1,12 @@
 """Sequence-split causal attention (context parallelism) over one process group, zigzag layout.
 
 Each rank of the group holds its shard of query, key and value in the zigzag layout
-(`kernels/_cp_layout.py`: the sequence in 2P chunks, rank i holds chunks i and 2P-1-i,
+(`kernels/sequence_split/layout.py`: the sequence in 2P chunks, rank i holds chunks i and 2P-1-i,
 concatenated) and gets back its shard of causal attention over the whole sequence. The work is
 split into blocks (`rank_blocks`, `gathered_blocks`), each computed by a fused kernel that also
-returns its log-sum-exp (`kernels/_cp_blocks.py`: cuDNN, flash, or plain PyTorch on CPU), and
-merged through the log-sum-exp; the backward runs each block's fused backward against the merged
-output and log-sum-exp. Two ways to bring K/V to the queries:
+returns its log-sum-exp (`kernels/sequence_split/blocks.py`: cuDNN, flash, or plain PyTorch on
+CPU), and merged through the log-sum-exp; the backward runs each block's fused backward against
+the merged output and log-sum-exp. Two ways to bring K/V to the queries:
 
 - "ring": K/V shards travel around the ring (P-1 passes), each pass overlapped with the
   previous block's compute; the backward passes K/V again and the fp32 dK/dV accumulators one
@@ -34,15 +34,12 @@ import torch.distributed as dist
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-from ._cp_blocks import BlockRunner, accumulator_dtype, choose_backend, strided_like
-from ._cp_comm import ring_pass, start_all_gather, start_reduce_scatter
-from ._cp_layout import (
-    KV_SEQ_DIM,
+from .sequence_split.blocks import BlockRunner, choose_backend, empty_accumulators, strided_like
+from .sequence_split.comm import ring_pass, start_all_gather, start_reduce_scatter
+from .sequence_split.layout import (
     as_blhe,
     check_zigzag_length,
     gathered_blocks,
-    gathered_from_natural,
-    natural_from_gathered,
     pack_kv,
     rank_blocks,
     unpack_kv,
@@ -102,11 +99,8 @@ def _gather_forward(
     own, *others = gathered_blocks(rank, size, q.shape[2])
     gathering = start_all_gather(kv, group) if size > 1 else None
     blocks.forward(own, q, kv, out, lse)
-    if gathering is None:
-        return
-    natural = natural_from_gathered(gathering.wait(), KV_SEQ_DIM)
-    for block in others:
-        blocks.forward(block, q, natural, out, lse)
+    if gathering is not None:
+        blocks.forward_on_gathered(others, q, gathering.wait(), out, lse)
 
 
 def _gather_backward(
@@ -118,11 +112,7 @@ def _gather_backward(
     blocks.backward(own, saved, kv, dq, dkv_own)
     if gathering is None:
         return dkv_own
-    natural = natural_from_gathered(gathering.wait(), KV_SEQ_DIM)
-    dkv_natural = torch.zeros_like(natural, dtype=dq.dtype)
-    for block in others:
-        blocks.backward(block, saved, natural, dq, dkv_natural)
-    stacked = gathered_from_natural(dkv_natural, size, KV_SEQ_DIM)
+    stacked = blocks.backward_on_gathered(others, saved, gathering.wait(), dq)
     stacked[rank] += dkv_own
     return start_reduce_scatter(stacked, group).wait()
 
@@ -141,9 +131,7 @@ class _SequenceSplitAttention(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         q, kv = as_blhe(query), pack_kv(key, value)
-        acc_dtype = accumulator_dtype(query.dtype)
-        out = torch.zeros_like(q, dtype=acc_dtype)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
+        out, lse = empty_accumulators(q)
         blocks = BlockRunner(backend, scale)
         run = _ring_forward if method == "ring" else _gather_forward
         run(blocks, q, kv, out, lse, group, rank, size)

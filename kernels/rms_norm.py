@@ -6,7 +6,7 @@ import torch
 
 from dimshard.planner.registry import register_op
 
-from ._triton_common import use_triton
+from .triton_kernels.common import use_triton
 
 # The fused kernel holds one row in registers; wider rows use the reference.
 _MAX_FUSED_HIDDEN = 16384
@@ -28,7 +28,7 @@ def rms_norm_reference(hidden: torch.Tensor, weight: torch.Tensor, eps: float = 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        from . import _triton_rms_norm as kernels
+        from .triton_kernels import rms_norm as kernels
 
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
@@ -42,7 +42,7 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        from . import _triton_rms_norm as kernels
+        from .triton_kernels import rms_norm as kernels
 
         x, weight, rstd = ctx.saved_tensors
         dy = grad_out.reshape(-1, x.shape[-1])

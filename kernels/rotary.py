@@ -6,7 +6,7 @@ import torch
 
 from dimshard.planner.registry import register_op
 
-from ._triton_common import use_triton
+from .triton_kernels.common import use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
 class _RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        from . import _triton_rotary as kernels
+        from .triton_kernels import rotary as kernels
 
         batch = q.shape[0]
         # A batch-1 table (one set of positions for every sequence) broadcasts with stride 0.
@@ -43,7 +43,7 @@ class _RotaryFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor):
-        from . import _triton_rotary as kernels
+        from .triton_kernels import rotary as kernels
 
         cos, sin = ctx.saved_tensors
         dq, dk = kernels.rotate(_last_dim_dense(grad_q), _last_dim_dense(grad_k), cos, sin, backward=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from dimshard.planner.registry import register_op
 
-from ._triton_common import use_triton
+from .triton_kernels.common import use_triton
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -18,7 +18,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        from . import _triton_swiglu as kernels
+        from .triton_kernels import swiglu as kernels
 
         gate, up = gate.contiguous(), up.contiguous()
         ctx.save_for_backward(gate, up)
@@ -27,7 +27,7 @@ class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        from . import _triton_swiglu as kernels
+        from .triton_kernels import swiglu as kernels
 
         gate, up = ctx.saved_tensors
         dgate, dup = kernels.backward(grad_out.contiguous(), gate, up)

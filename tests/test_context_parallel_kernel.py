@@ -9,28 +9,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dist_utils import run_distributed
 
-from dimshard.kernels import _cp_comm
-from dimshard.kernels._cp_blocks import (
-    block_backward,
-    block_forward,
-    choose_backend,
-    fused_backend_works,
-    merge_block,
-)
-from dimshard.kernels._cp_layout import (
-    gathered_blocks,
-    gathered_from_natural,
-    natural_from_gathered,
-    rank_blocks,
-    unmasked_score_entries,
-)
-from dimshard.kernels._cp_simulate import SimulatedSplit
 from dimshard.kernels.context_parallel import (
     sequence_split_attention,
     zigzag_indices,
     zigzag_inverse_permutation,
     zigzag_permutation,
 )
+from dimshard.kernels.sequence_split import comm as kv_transfers
+from dimshard.kernels.sequence_split.blocks import (
+    block_backward,
+    block_forward,
+    choose_backend,
+    fused_backend_works,
+    merge_block,
+)
+from dimshard.kernels.sequence_split.layout import (
+    gathered_blocks,
+    gathered_from_natural,
+    natural_from_gathered,
+    rank_blocks,
+    unmasked_score_entries,
+)
+from dimshard.kernels.sequence_split.simulate import SimulatedSplit
 
 # (batch, query heads, K/V heads, sequence length per rank, head dim), method, dtype
 _CASES = [
@@ -66,7 +66,7 @@ def _full_attention(q, k, v, grad, scale):
 
 def _split_attention_on_rank(cases, scale, gloo_fallbacks=True):
     # False: the collectives take their NCCL code path (single-tensor all-gather, reduce-scatter).
-    _cp_comm._GLOO_FALLBACKS = gloo_fallbacks
+    kv_transfers._GLOO_FALLBACKS = gloo_fallbacks
     world_size, rank = dist.get_world_size(), dist.get_rank()
     results = []
     for (batch, q_heads, kv_heads, local_len, head_dim), method, dtype in cases:

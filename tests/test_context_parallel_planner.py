@@ -149,8 +149,8 @@ def test_auto_planner_splits_the_sequence_where_heads_run_out(tmp_path):
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_zigzag_reorders_agree_with_the_layout(world_size):
-    from dimshard.kernels._cp_layout import zigzag_indices, zigzag_permutation
     from dimshard.kernels._cp_reorder import from_zigzag, to_zigzag, zigzag_slice
+    from dimshard.kernels.sequence_split.layout import zigzag_indices, zigzag_permutation
 
     x = torch.randn(3, 16, 5, requires_grad=True)
     shards = [zigzag_slice(x, 1, world_size, r) for r in range(world_size)]

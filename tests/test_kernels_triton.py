@@ -113,7 +113,7 @@ def test_chunk_linear_cross_entropy_kernels(dtype):
 
 
 def test_compensated_add_kernel():
-    from dimshard.kernels import _triton_cross_entropy as kernels
+    from dimshard.kernels.triton_kernels import cross_entropy as kernels
 
     gen = torch.Generator().manual_seed(0)
     hi = torch.randn(3000, generator=gen).to(torch.bfloat16)

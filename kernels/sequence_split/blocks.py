@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from ._cp_layout import AttentionBlock, unpack_kv
+from .layout import KV_SEQ_DIM, AttentionBlock, gathered_from_natural, natural_from_gathered, unpack_kv
 
 __all__ = [
     "BACKENDS",
@@ -38,6 +38,7 @@ __all__ = [
     "block_backward",
     "block_forward",
     "choose_backend",
+    "empty_accumulators",
     "fused_backend_works",
     "merge_block",
     "strided_like",
@@ -82,14 +83,8 @@ def _math_forward(
 
 
 def _math_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    causal: bool,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -112,75 +107,29 @@ def _math_backward(
 
 
 # ----------------------------------------------------------------------------------------------
-# fused aten ops (CUDA)
-
-# Dropout is never used, so the random-state arguments of the backward ops are never read; they
-# still have to be tensors of the kinds the forward ops return (left uninitialised: uint64 has
-# few CUDA kernels, and nothing reads them).
+# one block on a backend: the fused aten ops (CUDA) or the math path
 
 
-def _cudnn_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse, *_ = _aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
-    # cuDNN returns its softmax statistics as [b, h, lq, 1].
-    return out, lse.reshape(q.shape[:3])
-
-
-def _cudnn_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed = torch.empty((), dtype=torch.int64, device=q.device)
-    offset = torch.empty((), dtype=torch.int64, device=q.device)
-    dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
-        dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, None, None,
-        q.shape[2], k.shape[2], 0.0, causal, scale=scale,
-    )
-    return dq, dk, dv
-
-
-def _flash_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse, *_ = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-    return out, lse
-
-
-def _flash_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
-    offset = torch.empty((), dtype=torch.uint64, device=q.device)
-    dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset,
-        scale=scale,
-    )
-    return dq, dk, dv
-
-
-_FORWARD = {"cudnn": _cudnn_forward, "flash": _flash_forward, "math": _math_forward}
-_BACKWARD = {"cudnn": _cudnn_backward, "flash": _flash_backward, "math": _math_backward}
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
 def block_forward(
     backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block's output [b, hq, lq, e] (q's dtype) and lse [b, hq, lq] (fp32; float64 on the math path for float64)."""
-    return _FORWARD[backend](q, k, v, scale, causal)
+    _check_backend(backend)
+    if backend == "cudnn":
+        out, lse, *_ = _aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
+        # cuDNN returns its softmax statistics as [b, h, lq, 1].
+        return out, lse.reshape(q.shape[:3])
+    if backend == "flash":
+        out, lse, *_ = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+        return out, lse
+    return _math_forward(q, k, v, scale, causal)
 
 
 def block_backward(
@@ -198,7 +147,27 @@ def block_backward(
 
     dout and out must have the same strides (the fused ops read them as one layout).
     """
-    return _BACKWARD[backend](dout, q, k, v, out, lse, scale, causal)
+    _check_backend(backend)
+    if backend == "math":
+        return _math_backward(dout, q, k, v, out, lse, scale, causal)
+    # Dropout is never used, so the random-state arguments of the backward ops are never read; they
+    # still have to be tensors of the kinds the forward ops return (left uninitialised: uint64 has
+    # few CUDA kernels, and nothing reads them).
+    if backend == "cudnn":
+        seed = torch.empty((), dtype=torch.int64, device=q.device)
+        offset = torch.empty((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, None, None,
+            q.shape[2], k.shape[2], 0.0, causal, scale=scale,
+        )
+        return dq, dk, dv
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+    offset = torch.empty((), dtype=torch.uint64, device=q.device)
+    dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset,
+        scale=scale,
+    )
+    return dq, dk, dv
 
 
 def strided_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -206,6 +175,14 @@ def strided_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if x.stride() == like.stride():
         return x
     return torch.empty_like(like, dtype=x.dtype).copy_(x)
+
+
+def empty_accumulators(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running output [b, hq, l, e] (zeros) and lse [b, hq, l] (-inf) for the queries q, in the accumulator dtype."""
+    acc_dtype = accumulator_dtype(q.dtype)
+    out = torch.zeros_like(q, dtype=acc_dtype)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
+    return out, lse
 
 
 def merge_block(
@@ -263,6 +240,34 @@ class BlockRunner:
         dk[:, :, keys] += block_dk
         dv[:, :, keys] += block_dv
 
+    def forward_on_gathered(
+        self, blocks: list[AttentionBlock], q: torch.Tensor, gathered: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor,
+    ) -> None:
+        """`forward` for blocks whose key rows index the whole sequence in natural order (`gathered_blocks`'
+        unmasked ones), given every rank's packed K/V shard stacked [P, 2, b, l, hk, e] as an all-gather
+        delivers it."""
+        if not blocks:
+            return
+        natural = natural_from_gathered(gathered, KV_SEQ_DIM)
+        for block in blocks:
+            self.forward(block, q, natural, out, lse)
+
+    def backward_on_gathered(
+        self,
+        blocks: list[AttentionBlock],
+        saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        gathered: torch.Tensor,
+        dq: torch.Tensor,
+    ) -> torch.Tensor:
+        """`backward` for the blocks `forward_on_gathered` ran: adds into dq and returns their dK/dV as every
+        rank's packed shard stacked [P, 2, b, l, hk, e] in dq's dtype (what a reduce-scatter sums)."""
+        natural = natural_from_gathered(gathered, KV_SEQ_DIM)
+        dkv_natural = torch.zeros_like(natural, dtype=dq.dtype)
+        for block in blocks:
+            self.backward(block, saved, natural, dq, dkv_natural)
+        return gathered_from_natural(dkv_natural, gathered.shape[0], KV_SEQ_DIM)
+
 
 # ----------------------------------------------------------------------------------------------
 # backend choice
@@ -310,8 +315,7 @@ def choose_backend(query: torch.Tensor, key: torch.Tensor, preferred: str | None
     `fused_backend_works` has accepted it for the device, dtype and head dim.
     """
     if preferred is not None:
-        if preferred not in BACKENDS:
-            raise ValueError(f"unknown attention backend {preferred!r}: choose one of {', '.join(BACKENDS)}")
+        _check_backend(preferred)
         return preferred
     fused_ok = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype
     if fused_ok:

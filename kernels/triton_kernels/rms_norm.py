@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import next_power_of_2, num_programs_hint
+from .common import next_power_of_2, num_programs_hint
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import next_power_of_2
+from .common import next_power_of_2
 
 
 @triton.jit

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from ._cp_blocks import BlockRunner, accumulator_dtype, strided_like
-from ._cp_layout import (
+from .blocks import BlockRunner, accumulator_dtype, empty_accumulators, strided_like
+from .layout import (
     KV_SEQ_DIM,
     as_blhe,
     gathered_blocks,
-    gathered_from_natural,
-    natural_from_gathered,
     pack_kv,
     rank_blocks,
     unpack_kv,
     zigzag_indices,
-    zigzag_inverse_permutation,
 )
+from .reorder import from_zigzag
 
 __all__ = ["SimulatedSplit"]
 
@@ -60,19 +58,15 @@ class SimulatedSplit:
     def forward(self, method: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each rank's (out [b, hq, l, e] in the input dtype, lse [b, hq, l]) by `method` ("ring" or "allgather")."""
         results = []
-        acc_dtype = accumulator_dtype(self.dtype)
         for rank, q in enumerate(self.q):
-            out = torch.zeros_like(q, dtype=acc_dtype)
-            lse = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
+            out, lse = empty_accumulators(q)
             if method == "ring":
                 for block in rank_blocks(rank, self.world_size, q.shape[2]):
                     self.runner.forward(block, q, self.kv[block.source], out, lse)
             else:
                 own, *others = gathered_blocks(rank, self.world_size, q.shape[2])
                 self.runner.forward(own, q, self.kv[rank], out, lse)
-                natural = natural_from_gathered(self.gathered, KV_SEQ_DIM) if others else None
-                for block in others:
-                    self.runner.forward(block, q, natural, out, lse)
+                self.runner.forward_on_gathered(others, q, self.gathered, out, lse)
             results.append((out.to(self.dtype), lse))
         return results
 
@@ -97,11 +91,7 @@ class SimulatedSplit:
                 dkv_own = torch.zeros_like(self.kv[rank], dtype=acc_dtype)
                 self.runner.backward(own, saved, self.kv[rank], dq, dkv_own)
                 if others:
-                    natural = natural_from_gathered(self.gathered, KV_SEQ_DIM)
-                    dkv_natural = torch.zeros_like(natural, dtype=acc_dtype)
-                    for block in others:
-                        self.runner.backward(block, saved, natural, dq, dkv_natural)
-                    reduced += gathered_from_natural(dkv_natural, self.world_size, KV_SEQ_DIM)
+                    reduced += self.runner.backward_on_gathered(others, saved, self.gathered, dq)
                 reduced[rank] += dkv_own
             dqs.append(dq)
         if method != "ring":
@@ -110,9 +100,8 @@ class SimulatedSplit:
 
     def natural_order(self, per_rank: list[torch.Tensor], seq_dim: int = 2) -> torch.Tensor:
         """The whole sequence in natural order from every rank's shard (sequence on `seq_dim`)."""
-        joined = torch.cat(per_rank, dim=seq_dim)
-        inverse = zigzag_inverse_permutation(joined.shape[seq_dim], self.world_size).to(joined.device)
-        return joined.index_select(seq_dim, inverse)
+        # The shards in rank order are the sequence in zigzag order.
+        return from_zigzag(torch.cat(per_rank, dim=seq_dim), seq_dim, self.world_size)
 
     def gradients(
         self, dqs: list[torch.Tensor], dkvs: list[torch.Tensor]

@@ -1,0 +1,1 @@
+"""The pieces of ``chunk_linear_cross_entropy``: how a call is tiled and the arithmetic on each tile."""

@@ -1,0 +1,1 @@
+"""The machinery of ``sequence_split_attention``: zigzag layout, blocks, K/V transfers, simulation."""
