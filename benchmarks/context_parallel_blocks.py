@@ -29,9 +29,14 @@ from typing import Any
 
 import torch
 
-from dimshard.kernels._cp_blocks import block_backward, block_forward, choose_backend, fused_backend_works
-from dimshard.kernels._cp_layout import as_blhe
-from dimshard.kernels._cp_simulate import SimulatedSplit
+from dimshard.kernels.sequence_split.blocks import (
+    block_backward,
+    block_forward,
+    choose_backend,
+    fused_backend_works,
+)
+from dimshard.kernels.sequence_split.layout import as_blhe
+from dimshard.kernels.sequence_split.simulate import SimulatedSplit
 
 PEAK_TFLOPS = 989.0
 GIB = 2**30
@@ -211,6 +216,9 @@ def print_table(cfg: BlocksConfig, rows: list[Row], device: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Parse flags, measure, print the table (and write JSON when asked)."""
+    from dimshard.runtime.gpu_memory import enable_expandable_segments
+
+    enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     cfg = parse_args(argv)
     rows = run(cfg)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"

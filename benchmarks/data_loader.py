@@ -82,6 +82,9 @@ def measure(spec, args: LoaderArgs, workers: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Measure every worker count; print one JSON line each and return them."""
+    from dimshard.runtime.gpu_memory import enable_expandable_segments
+
+    enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     from dimshard.runtime.data_spec import parse_data_spec
 
     args = parse_dataclass_args(LoaderArgs, argv, description=__doc__.split("\n\n")[0])

@@ -93,7 +93,7 @@ def run_mode(args: MaskingArgs, lengths: list[int], masking: bool) -> dict:
     from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
     from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
     from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW
+    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -117,7 +117,8 @@ def run_mode(args: MaskingArgs, lengths: list[int], masking: bool) -> dict:
         for lp in module.local_parameters():
             lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
     params = module.local_parameters()
-    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype)
+    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype,
+                          offload=offloads_optimizer(plan))
     reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
     batch = {k: v.to(ctx.device) for k, v in inputs.items()}
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
@@ -148,6 +149,9 @@ def run_mode(args: MaskingArgs, lengths: list[int], masking: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run both modes in one process (one device); print and return their records."""
+    from dimshard.runtime.gpu_memory import enable_expandable_segments
+
+    enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     import torch.distributed as dist
 
     args = parse_dataclass_args(MaskingArgs, argv, description=__doc__.split("\n\n")[0])

@@ -424,6 +424,9 @@ def environment() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected benchmarks; exit code 2 without CUDA or for unknown kernel names."""
+    from dimshard.runtime.gpu_memory import enable_expandable_segments
+
+    enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     cfg = parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernel_speed.py needs a CUDA GPU: it times GPU kernels against the GPU's own matmul and "

@@ -98,7 +98,7 @@ def run_family(model_type: str, args: BreadthArgs) -> dict:
     from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
     from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
     from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW
+    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -118,7 +118,8 @@ def run_family(model_type: str, args: BreadthArgs) -> dict:
         for lp in module.local_parameters():
             lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
     params = module.local_parameters()
-    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype)
+    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype,
+                          offload=offloads_optimizer(plan))
     reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
     gen = torch.Generator(device=ctx.device).manual_seed(1234)
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
@@ -155,6 +156,9 @@ def run_family(model_type: str, args: BreadthArgs) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run every family in turn; print one JSON line each (an ``error`` record for a failure)."""
+    from dimshard.runtime.gpu_memory import enable_expandable_segments
+
+    enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     args = parse_dataclass_args(BreadthArgs, argv, description=__doc__.split("\n\n")[0])
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/model_breadth.py measures a GPU but no CUDA device is visible; use --device cpu --tiny")

@@ -142,7 +142,7 @@ def run_case(case: Case, dtype_name: str, args: argparse.Namespace, device: torc
     from dimshard.runtime.distributed import init_parallel
     from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
     from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW
+    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
 
     rank, world = dist.get_rank(), dist.get_world_size()
     copies = world if case.copies == 0 else case.copies
@@ -165,7 +165,8 @@ def run_case(case: Case, dtype_name: str, args: argparse.Namespace, device: torc
     module = load_parallel_module(out_dir / "compile", ctx)
     module.load_full_state_dict(torch.load(weights, weights_only=True))
     params = module.local_parameters()
-    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, eps=ADAM_EPS, param_dtype=param_dtype)
+    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, eps=ADAM_EPS, param_dtype=param_dtype,
+                          offload=offloads_optimizer(plan))
     reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
     per_copy = args.batch // ctx.dp_size
     batch = ids[ctx.copy_index * per_copy:(ctx.copy_index + 1) * per_copy].to(device)
@@ -214,6 +215,9 @@ def run_case(case: Case, dtype_name: str, args: argparse.Namespace, device: torc
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen cases on every rank; rank 0 prints a table and returns 1 if any failed."""
+    from dimshard.runtime.gpu_memory import enable_expandable_segments
+
+    enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     args = _args(argv)
     backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")

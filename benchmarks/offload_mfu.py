@@ -10,8 +10,12 @@ optimizer honour it), and times full training steps (forward, backward, gradient
 with fp32 masters) on random tokens. Prints one JSON record and a one-line table row: step
 seconds, optimizer-step seconds, tokens/s, MFU (6*(N*S + 2*L*H*S^2) per sequence over 989 TFLOP/s),
 peak GPU memory (allocated and reserved), host memory (the process's peak resident set, and the
-bytes the offloads hold) and where the offloaded AdamW update ran. Runs on CPU at tiny sizes
-(``--hidden_size 64 ...``), where host memory is on both sides of every copy.
+bytes the offloads hold) and where the offloaded AdamW update ran, next to the plan's own estimate
+(plan.json ``estimate``: the numbers its budget check used). Under ``--policy auto`` without
+``--memory_budget_gb`` the GPU budget is train.py's default (this GPU's memory less the measured
+margin, planner/budgets.py), and without ``--host_memory_budget_gb`` the host budget too. Expandable
+segments are enabled first (runtime/gpu_memory.py); running out of GPU memory ends with one line.
+Runs on CPU at tiny sizes (``--hidden_size 64 ...``), where host memory is on both sides of every copy.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dimshard.cli import parse_dataclass_args
+from dimshard.runtime.gpu_memory import GpuOutOfMemory, enable_expandable_segments, out_of_memory_guard
 
 PEAK_TFLOPS = 989.0
 
@@ -42,9 +47,13 @@ class OffloadArgs:
         "help": "where the offloaded AdamW update runs: cpu, gpu or auto (timed)", "choices": ("auto", "cpu", "gpu")})
     policy: str = field(default="dp", metadata={"help": "partition policy (dp or auto on one device)"})
     recompute: str = field(default="layer", metadata={"help": "none, layer, auto, or a comma-separated list of scopes"})
-    memory_budget_gb: float | None = field(default=None, metadata={"help": "GPU budget for the auto policy"})
+    memory_budget_gb: float | None = field(default=None, metadata={
+        "help": "GPU budget for the auto policy (GB); default: this GPU's memory less the measured margin"})
     host_memory_budget_gb: float | None = field(default=None, metadata={
-        "help": "host-memory budget for the auto policy"})
+        "help": "host-memory budget per rank for the auto policy (GB); default: this machine's RAM less the "
+                "measured margins"})
+    hw_profile: str = field(default="", metadata={
+        "help": "cost-model hardware profile (shipped name or JSON); default: this GPU's (cpu without one)"})
     steps: int = field(default=2, metadata={"help": "timed optimizer steps"})
     warmup: int = field(default=1, metadata={"help": "untimed optimizer steps first"})
     fused_kernels: bool | None = field(default=None, metadata={
@@ -58,18 +67,12 @@ class OffloadArgs:
     vocab_size: int = field(default=128256, metadata={"help": "vocabulary size"})
 
 
-def _host_peak_gib() -> float:
-    """Peak resident set of this process (VmHWM), GiB: page-locked buffers included."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
-
-
 def _compile(args: OffloadArgs, on_gpu: bool) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dimshard.planner import CompileConfig, compile_model
+    from dimshard.planner.budgets import MemoryBudget, default_gpu_budget
+    from dimshard.planner.hardware import load_hw_profile
 
     config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                          num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
@@ -83,10 +86,17 @@ def _compile(args: OffloadArgs, on_gpu: bool) -> float:
     if args.host_memory_budget_gb is not None:
         options["host_memory_budget_gb"] = args.host_memory_budget_gb
     fused = on_gpu if args.fused_kernels is None else args.fused_kernels
+    hw_profile = args.hw_profile or (None if on_gpu else "cpu")
+    if args.memory_budget_gb is not None:
+        budget = MemoryBudget(args.memory_budget_gb, "--memory_budget_gb")
+    elif args.policy == "auto":
+        budget = default_gpu_budget(load_hw_profile(hw_profile), on_device=on_gpu)
+    else:
+        budget = MemoryBudget(None, f"none: policy {args.policy} plans no memory")
     compile_config = CompileConfig(plan_ngpus=1, policy=args.policy, recompute=args.recompute,
-                                   memory_budget_gb=args.memory_budget_gb, policy_options=options,
-                                   param_dtype=torch.bfloat16 if on_gpu else torch.float32, fused_kernels=fused,
-                                   loss="chunked_cross_entropy", hw_profile="h200" if on_gpu else "cpu")
+                                   memory_budget_gb=budget.gb, memory_budget_source=budget.source,
+                                   policy_options=options, param_dtype=torch.bfloat16 if on_gpu else torch.float32,
+                                   fused_kernels=fused, loss="chunked_cross_entropy", hw_profile=hw_profile)
     start = time.perf_counter()
     compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, compile_config)
     return time.perf_counter() - start
@@ -94,12 +104,13 @@ def _compile(args: OffloadArgs, on_gpu: bool) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     """Compile, train ``warmup + steps`` steps, print and return the result record."""
+    enable_expandable_segments()  # before CUDA starts: the budgets' margins were measured with it
     args = parse_dataclass_args(OffloadArgs, argv, description=__doc__.split("\n\n")[0])
     from dimshard.runtime.distributed import init_parallel
     from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
-    from dimshard.runtime.metrics import flops_per_sequence
+    from dimshard.runtime.metrics import flops_per_sequence, host_memory_gib, plan_estimate_record
     from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW
+    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
 
     on_gpu = torch.cuda.is_available()
     compile_s = _compile(args, on_gpu)
@@ -114,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     params = module.local_parameters()
     offload = plan.get("offload") or {}
     start = time.perf_counter()
-    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=torch.bfloat16 if on_gpu else torch.float32,
-                          offload=bool(offload.get("optimizer")), update_device=args.update_device)
+    with out_of_memory_guard(plan, device):
+        optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=torch.bfloat16 if on_gpu else torch.float32,
+                              offload=offloads_optimizer(plan), update_device=args.update_device)
     optimizer_init_s = time.perf_counter() - start
     reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
     gen = torch.Generator(device=device).manual_seed(1234)
@@ -126,13 +138,14 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        ids = torch.randint(0, args.vocab_size, (1, args.seq_len), generator=gen, device=device)
-        loss = module(ids, ids)
-        loss.backward()
-        grads = reducer.finish()
-        sync()
-        t1 = time.perf_counter()
-        optimizer.step(grads, 1e-5, 1.0)
+        with out_of_memory_guard(plan, device, step=step + 1):
+            ids = torch.randint(0, args.vocab_size, (1, args.seq_len), generator=gen, device=device)
+            loss = module(ids, ids)
+            loss.backward()
+            grads = reducer.finish()
+            sync()
+            t1 = time.perf_counter()
+            optimizer.step(grads, 1e-5, 1.0)
         reducer.zero_grad()
         sync()
         t2 = time.perf_counter()
@@ -156,11 +169,16 @@ def main(argv: list[str] | None = None) -> dict:
         "mfu": round(flops / step_s / (PEAK_TFLOPS * 1e12), 4) if on_gpu else None,
         "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
         "gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if on_gpu else None,
-        "host_peak_rss_gib": round(_host_peak_gib(), 2),
+        "host_peak_rss_gib": round(host_memory_gib()["peak"], 2),
         "host_optimizer_gib": round(state.host_bytes / 2**30, 2) if state is not None else 0.0,
         "host_activations_peak_gib": round(offloader.host_peak_bytes / 2**30, 2) if offloader is not None else 0.0,
         "compile_s": round(compile_s, 1), "optimizer_init_s": round(optimizer_init_s, 1), "losses": losses,
+        # The plan's own estimate, the one its budget check used (plan.json): GiB like the measurements.
+        **plan_estimate_record(plan),
     }
+    if on_gpu and record.get("est_peak_gib"):
+        # benchmarks/memory_margin.py's reading of the same name (planner/budgets.py).
+        record["reserved_over_estimate"] = round(record["gpu_reserved_gib"] / record["est_peak_gib"] - 1, 4)
     print(json.dumps(record), flush=True)
     print(f"| {args.num_layers} | {args.seq_len} | {args.offload} | {record['update_device']} | {record['step_s']} | "
           f"{record['optimizer_s']} | {record['tokens_per_s']} | {record['mfu']} | {record['gpu_peak_gib']} | "
@@ -178,4 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    try:
+        sys.exit(0 if main() else 1)
+    except GpuOutOfMemory as error:
+        sys.exit(f"error: {error}")

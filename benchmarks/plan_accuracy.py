@@ -8,8 +8,8 @@ For every (policy, recompute, sequence length) it compiles a Llama-3-8B-shaped m
 32 heads, 8 KV heads, intermediate 14336, vocabulary 128256; ``--num_layers`` layers) with the
 chunked cross-entropy loss on ``plan_ngpus`` = the number of processes, loads the generated module
 on every rank with random bf16 weights, times forward plus backward, and prints the estimate
-(``cost.Estimate.forward_backward_s``; memory: parameters, activations and transients, as this
-loop has no optimizer and no gradient buffers) next to the measurement
+(plan.json's ``estimate``, the one the plan was accepted with: forward plus backward; memory:
+parameters, activations and transients, as this loop has no optimizer and no gradient buffers) next to the measurement
 (``torch.cuda.max_memory_allocated``) and their ratio. ``--device cpu`` runs a tiny model on gloo to check the whole path, not the numbers.
 """
 
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from dimshard.cli import parse_dataclass_args
+from dimshard.runtime.gpu_memory import enable_expandable_segments
 
 
 @dataclass
@@ -86,12 +87,10 @@ def _model(args: AccuracyArgs, seq_len: int, dtype: torch.dtype) -> torch.nn.Mod
 
 def compile_and_estimate(args: AccuracyArgs, policy: str, recompute: str, seq_len: int, plan_ngpus: int,
                          out: Path) -> dict:
-    """Compile one configuration into ``out`` and return the cost model's estimate of it."""
+    """Compile one configuration into ``out`` and return the plan's estimate (plan.json's ``estimate``)."""
     from dimshard.planner import CompileConfig, compile_model
-    from dimshard.planner.cost import estimate
-    from dimshard.planner.hardware import load_hw_profile
+    from dimshard.runtime.module import read_plan
 
-    hw = load_hw_profile(args.hw_profile)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     ids = torch.zeros(1, seq_len, dtype=torch.long)
     config = CompileConfig(
@@ -101,17 +100,17 @@ def compile_and_estimate(args: AccuracyArgs, policy: str, recompute: str, seq_le
         fused_kernels=args.fused_kernels == "on" or (args.fused_kernels == "auto" and args.device != "cpu"))
     start = time.perf_counter()
     result = compile_model(_model(args, seq_len, dtype), {"input_ids": ids, "labels": ids.clone()}, out, config)
-    search = result.plan.search
-    est = search.best.estimate if search is not None else estimate(result.graph, result.resolved, hw)
-    m = est.memory
+    # The estimate the plan was accepted with, as plan_report.md shows it: no second estimate here.
+    est = read_plan(out)["estimate"]
+    m = est["gpu_memory_bytes"]
     # This loop has no optimizer and no preallocated gradient buffers (its .grad tensors appear as
     # backward frees activations): compare the parameters, activations and transients.
     comparable = m["parameters"] + m["activations"] + m["recompute"] + m["working"]
     return {"mesh": dict(zip(result.plan.mesh.axis_names, result.plan.mesh.shape)),
-            "recompute_layers": len(result.plan.recompute_scopes), "estimated_s": est.forward_backward_s,
-            "estimated_compute_s": est.compute_s, "estimated_comm_s": est.comm_s,
-            "estimated_peak_gb": comparable / 1e9, "estimated_training_peak_gb": est.peak_gb,
-            "hw_profile": hw.name, "compile_s": time.perf_counter() - start}
+            "recompute_layers": len(result.plan.recompute_scopes), "estimated_s": est["compute_s"] + est["comm_s"],
+            "estimated_compute_s": est["compute_s"], "estimated_comm_s": est["comm_s"],
+            "estimated_peak_gb": comparable / 1e9, "estimated_training_peak_gb": est["gpu_peak_bytes"] / 1e9,
+            "hw_profile": est["hw_profile"], "compile_s": time.perf_counter() - start}
 
 
 def measure(args: AccuracyArgs, out: Path, seq_len: int) -> dict:
@@ -160,6 +159,7 @@ def measure(args: AccuracyArgs, out: Path, seq_len: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run every configuration; rank 0 prints a table and returns the records."""
+    enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("plan_accuracy measures GPUs but no CUDA device is visible; use --device cpu for a smoke run")

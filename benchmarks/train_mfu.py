@@ -9,14 +9,22 @@
 Builds a Llama-3-8B-shaped model (hidden 4096, 32 heads, 8 KV heads, intermediate 14336,
 vocabulary 128256) with ``--num_layers`` layers, compiles it with the chunked cross-entropy loss,
 and times full training steps (forward, backward, gradient reduction, ZeRO AdamW) on random
-tokens with the runtime the trainer uses. MFU follows docs/design.md ("Measuring: MFU"):
-6*(N*S + 2*L*H*S^2) FLOPs per sequence over 989 TFLOP/s per GPU.
+tokens with the runtime the trainer uses, running exactly the compiled plan: its recompute, its
+activation offload (generated code) and its optimizer offload (plan.json ``offload``). Under
+``--policy auto`` without ``--memory_budget_gb`` the budget is train.py's default: this GPU's
+memory less the profile's measured margin (planner/budgets.py). The record puts the plan's own
+estimate (plan.json ``estimate``: what the budget check used) next to the measurement: step
+seconds, peak GPU memory allocated and reserved (GiB), host resident set. Every rank enables
+expandable segments first (runtime/gpu_memory.py); running out of GPU memory stops every rank
+with one line. MFU follows docs/design.md ("Measuring: MFU"): 6*(N*S + 2*L*H*S^2) FLOPs per
+sequence over 989 TFLOP/s per GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +35,8 @@ import torch
 import torch.distributed as dist
 
 from dimshard.cli import parse_dataclass_args
+from dimshard.runtime.failures import exit_after_failure, failure_watchdog
+from dimshard.runtime.gpu_memory import GpuOutOfMemory, enable_expandable_segments, out_of_memory_guard
 
 PEAK_TFLOPS = 989.0
 
@@ -45,7 +55,8 @@ class MfuArgs:
     plan_ngpus: int = field(default=1, metadata={"help": "GPUs in one model copy (the rest are data parallel)"})
     policy: str = field(default="dp", metadata={"help": "partition policy: dp, tp, tp_sp, tp_batch, auto"})
     recompute: str = field(default="none", metadata={"help": "none, layer, auto, or a comma-separated list of scopes"})
-    memory_budget_gb: float | None = field(default=None, metadata={"help": "per-GPU budget for the auto policy"})
+    memory_budget_gb: float | None = field(default=None, metadata={
+        "help": "per-GPU budget for the auto policy (GB); default: this GPU's memory less the measured margin"})
     steps: int = field(default=6, metadata={"help": "timed optimizer steps"})
     warmup: int = field(default=2, metadata={"help": "untimed optimizer steps first"})
     loss_chunk_size: int = field(default=0, metadata={"help": "tokens per chunk of the chunked loss; 0: automatic"})
@@ -66,24 +77,39 @@ class MfuArgs:
     vocab_size: int = field(default=128256, metadata={"help": "vocabulary size"})
 
 
+def _budget(args: MfuArgs, cuda: bool):
+    """The GPU budget to compile under: the flag, or for auto train.py's default (this GPU's, less the margin)."""
+    from dimshard.planner.budgets import MemoryBudget, default_gpu_budget
+    from dimshard.planner.hardware import load_hw_profile
+
+    if args.memory_budget_gb is not None:
+        return MemoryBudget(args.memory_budget_gb, "--memory_budget_gb")
+    if args.policy != "auto":
+        return MemoryBudget(None, f"none: policy {args.policy} plans no memory")
+    return default_gpu_budget(load_hw_profile(args.hw_profile or (None if cuda else "cpu")), on_device=cuda)
+
+
+def _gpu_outside_allocator(device: torch.device) -> tuple[float, float, float]:
+    """(peak reserved GiB, GiB the card has in use beyond PyTorch's reserve, reserved / allocated peak - 1).
+
+    The second is this process's CUDA context, NCCL buffers and library handles when it is alone on
+    the card (nvidia-smi's used memory less ``memory_reserved``); NaN off CUDA.
+    """
+    if device.type != "cuda":
+        return float("nan"), float("nan"), float("nan")
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.max_memory_reserved(device)
+    outside = (total - free - torch.cuda.memory_reserved(device)) / 2**30
+    return reserved / 2**30, outside, reserved / max(torch.cuda.max_memory_allocated(device), 1) - 1
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; rank 0 prints and returns the result record."""
+    enable_expandable_segments()  # before CUDA starts: the budgets' margins were measured with it
     args = parse_dataclass_args(MfuArgs, argv, description=__doc__.split("\n\n")[0])
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("benchmarks/train_mfu.py measures GPUs but no CUDA device is visible; use --device cpu for a smoke run")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dimshard.planner import CompileConfig, compile_model
-    from dimshard.planner.cost import estimate
-    from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
-    from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
-    from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW
-
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.fake_world_size:
@@ -100,29 +126,51 @@ def main(argv: list[str] | None = None) -> dict:
         if world == 1 and "MASTER_ADDR" not in os.environ:
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group("nccl" if cuda else "gloo", **kwargs)
+    with failure_watchdog():  # a rank that fails (out of GPU memory, ...) stops every rank with its line
+        return _measure(args, cuda)
+
+
+def _measure(args: MfuArgs, cuda: bool) -> dict:
+    """Compile on rank 0, load this rank's module, time the steps; every rank returns the record."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dimshard.planner import CompileConfig, compile_model
+    from dimshard.runtime.distributed import init_parallel
+    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
+    from dimshard.runtime.metrics import (
+        flops_per_sequence,
+        host_memory_gib,
+        peak_memory_gb,
+        plan_estimate_record,
+    )
+    from dimshard.runtime.module import load_parallel_module, read_plan
+    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     rank = dist.get_rank()
     model_config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                          num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
                          num_key_value_heads=args.num_kv_heads, vocab_size=args.vocab_size,
                          max_position_embeddings=max(args.seq_len, 8192), rope_theta=500000.0,
                          attn_implementation="sdpa", tie_word_embeddings=False)
-    compile_seconds, predicted = None, None
+    compile_seconds = None
     if rank == 0:
         with torch.device("meta"):
             model = LlamaForCausalLM(model_config)
         ids = torch.zeros(args.micro_batch_size, args.seq_len, dtype=torch.long)
         start = time.perf_counter()
+        budget = _budget(args, cuda)
+        # The plan is priced for this run's copies and micro-batches: its estimate is what runs.
+        options = {"grad_accumulation_steps": args.grad_accumulation_steps,
+                   "dp_size": dist.get_world_size() // args.plan_ngpus}
         config = CompileConfig(plan_ngpus=args.plan_ngpus, policy=args.policy, recompute=args.recompute,
-                               param_dtype=dtype, memory_budget_gb=args.memory_budget_gb,
+                               param_dtype=dtype, memory_budget_gb=budget.gb, memory_budget_source=budget.source,
                                fused_kernels=args.fused_kernels, loss="chunked_cross_entropy",
-                               loss_chunk_size=args.loss_chunk_size,
-                               policy_options={"grad_accumulation_steps": args.grad_accumulation_steps},
+                               loss_chunk_size=args.loss_chunk_size, policy_options=options,
                                hw_profile=args.hw_profile or (None if cuda else "cpu"))
-        result = compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
+        compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
         compile_seconds = time.perf_counter() - start
-        predicted = estimate(result.graph, result.resolved, config.hw_profile,
-                             dp_size=dist.get_world_size() // args.plan_ngpus,
-                             accumulation=args.grad_accumulation_steps)
     dist.barrier()
     plan = read_plan(args.compile_dir)
     ctx = init_parallel(plan, backend=None if cuda or args.fake_world_size else "gloo")
@@ -131,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         for lp in module.local_parameters():
             lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
     params = module.local_parameters()
-    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype)
+    with out_of_memory_guard(plan, ctx.device, rank):
+        optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype, offload=offloads_optimizer(plan))
     reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, args.grad_accumulation_steps))
     gen = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.copy_index)
     times = []
@@ -140,14 +189,15 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(args.warmup + args.steps):
         synchronize()
         t0 = time.perf_counter()
-        for micro in range(args.grad_accumulation_steps):
-            ids = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_len), generator=gen,
-                                device=ctx.device)
-            ctxmgr = reducer.no_sync() if micro < args.grad_accumulation_steps - 1 else contextlib.nullcontext()
-            with ctxmgr:
-                loss = module(ids, ids)
-                (loss / args.grad_accumulation_steps).backward()
-        optimizer.step(reducer.finish(), 1e-5, 1.0)
+        with out_of_memory_guard(plan, ctx.device, rank, step + 1):
+            for micro in range(args.grad_accumulation_steps):
+                ids = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_len), generator=gen,
+                                    device=ctx.device)
+                ctxmgr = reducer.no_sync() if micro < args.grad_accumulation_steps - 1 else contextlib.nullcontext()
+                with ctxmgr:
+                    loss = module(ids, ids)
+                    (loss / args.grad_accumulation_steps).backward()
+            optimizer.step(reducer.finish(), 1e-5, 1.0)
         reducer.zero_grad()
         synchronize()
         if step >= args.warmup:
@@ -155,25 +205,35 @@ def main(argv: list[str] | None = None) -> dict:
     step_s = sum(times) / len(times)
     sequences = args.micro_batch_size * args.grad_accumulation_steps * ctx.dp_size
     flops = flops_per_sequence(plan["model_stats"], args.seq_len) * sequences
-    peak = torch.tensor([peak_memory_gb(ctx.device)], device=ctx.device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    readings = [peak_memory_gb(ctx.device), *_gpu_outside_allocator(ctx.device), host_memory_gib()["peak"],
+                host_memory_gib()["rss"]]
+    readings = torch.tensor(readings, device=ctx.device, dtype=torch.float64)
+    dist.all_reduce(readings, op=dist.ReduceOp.MAX)  # the fullest rank's
+    peak, reserved, outside, overhead, host_peak, host_rss = readings.tolist()
+    offload = plan.get("offload") or {}
     record = {
         "gpu": torch.cuda.get_device_name() if cuda else "cpu", "world_size": ctx.world_size, "plan_ngpus": args.plan_ngpus,
         "policy": plan["policy"], "mesh": plan["mesh"], "recompute": args.recompute, "layers": args.num_layers,
+        "recompute_scopes": len(plan["recompute_scopes"]), "offload_optimizer": bool(offload.get("optimizer")),
+        "offload_activation_scopes": len(offload.get("activation_scopes", [])),
         "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
         "grad_accumulation_steps": args.grad_accumulation_steps, "num_params": plan["model_stats"]["num_params"],
         "step_s": round(step_s, 4), "tokens_per_s": round(sequences * args.seq_len / step_s, 1),
         "mfu": round(flops / step_s / (ctx.world_size * PEAK_TFLOPS * 1e12), 4),
-        "peak_mem_gb": round(peak.item(), 2), "compile_s": compile_seconds, "loss": round(loss.item(), 4),
+        "peak_mem_gb": round(peak, 2), "peak_reserved_gib": round(reserved, 2),
+        # What benchmarks/memory_margin.py turns into the profile's margins (planner/budgets.py).
+        "gpu_outside_allocator_gib": round(outside, 3), "reserved_over_allocated": round(overhead, 4),
+        "host_peak_rss_gib": round(host_peak, 2), "host_rss_gib": round(host_rss, 2),
+        "compile_s": compile_seconds, "loss": round(loss.item(), 4),
+        # Under the fake group collectives cost nothing: compare its step with est_compute_only_s.
+        "fake_process_group": bool(args.fake_world_size),
+        # The plan's own estimate, the one its budget check used (plan.json): peak_mem_gb is GiB like est_peak_gib.
+        **plan_estimate_record(plan, args.grad_accumulation_steps),
     }
-    if predicted is not None:
-        # Under the fake group collectives cost nothing, so compare with the compute-only estimate.
-        record.update(fake_process_group=bool(args.fake_world_size),
-                      est_step_s=round(predicted.forward_backward_s * args.grad_accumulation_steps
-                                       + predicted.grad_sync_s + predicted.optimizer_s, 4),
-                      est_compute_only_s=round((predicted.compute_s * args.grad_accumulation_steps
-                                                + predicted.optimizer_s), 4),
-                      est_peak_gib=round(predicted.peak_bytes / 2**30, 2), est_hw_profile=predicted.hw_name)
+    record = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # CPU: unmeasured
+    if "est_peak_gib" in record and cuda:
+        record["peak_over_estimate"] = round(peak / record["est_peak_gib"], 3)
+        record["reserved_over_estimate"] = round(reserved / record["est_peak_gib"] - 1, 4)
     if rank == 0:
         print(json.dumps(record), flush=True)
         if args.json_out:
@@ -186,4 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except GpuOutOfMemory as error:
+        print(f"error: {error}", file=sys.stderr)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            exit_after_failure(1)  # the other ranks were told (failure_watchdog); no teardown
+        sys.exit(1)

@@ -21,6 +21,7 @@ from .graph import Graph
 from .hardware import load_hw_profile
 from .offload_plan import apply_offload_request, offload_manifest
 from .plan import Plan, ResolvedPlan, resolve_placements
+from .plan_estimate import compiled_estimate, estimate_entry, gpu_budget_of
 from .policies import PolicyContext, decoder_layer_scopes, get_policy
 from .report import write_plan_report
 from .trace import trace
@@ -70,8 +71,12 @@ def _buffer_values(model: torch.nn.Module, graph: Graph) -> dict[str, torch.Tens
 
 
 def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, compile_config: CompileConfig,
-               example_inputs: Mapping[str, torch.Tensor]) -> dict:
+               example_inputs: Mapping[str, torch.Tensor], estimate: dict) -> dict:
+    from .hf import checkpoint_names
+
     mesh = resolved.plan.mesh
+    # Where save_pretrained puts each weight: the runtime reads a model folder by it (runtime/weights.py).
+    on_disk = checkpoint_names(model)
     params = []
     for name, tid in graph.parameters.items():
         t = graph.tensors[tid]
@@ -86,6 +91,7 @@ def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, com
             "name": name, "full_shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
             "placement": [repr(p) for p in placement],
             "shards": [{"slices": [list(s) for s in slices], "unit_ranks": ranks} for slices, ranks in shards.items()],
+            **({"checkpoint_name": on_disk[name]} if name in on_disk else {}),
         })
     config = getattr(model, "config", None)
     seq_len = next(iter(example_inputs.values())).shape[-1]
@@ -102,7 +108,8 @@ def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, com
         "inputs": [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                    for k, v in example_inputs.items()],
         "parameters": params,
-        "buffers": [{"name": n, "file": "buffers.safetensors"} for n in graph.buffers]
+        "buffers": [{"name": n, "file": "buffers.safetensors",
+                     **({"checkpoint_name": on_disk[n]} if n in on_disk else {})} for n in graph.buffers]
         + [{"name": f"constant_{t}", "file": "buffers.safetensors"} for t in graph.constants],
         "model_stats": {
             "num_params": sum(graph.tensors[t].numel for t in graph.parameters.values()),
@@ -111,6 +118,7 @@ def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, com
             "seq_len": int(seq_len),
             "model_class": type(model).__name__,
         },
+        "estimate": estimate,
         "compile_config": compile_config.describe(),
         "fingerprint": compile_config.fingerprint(),
     }
@@ -138,8 +146,9 @@ def compile_model(model: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
                   config: CompileConfig, forward_fn: Callable[..., Any] | None = None) -> CompileResult:
     """Trace ``model`` on ``example_inputs`` (real token-id tensors), plan it under ``config``, write the output.
 
-    ``output_dir`` receives ``plan.json`` (with ``config``'s fingerprint), ``gencode/rank{r}.py``
-    for r < plan_ngpus, ``buffers.safetensors`` and ``plan_report.md`` (``planner/report.py``);
+    ``output_dir`` receives ``plan.json`` (with ``config``'s fingerprint and the plan's estimate,
+    ``planner/plan_estimate.py``), ``gencode/rank{r}.py`` for r < plan_ngpus,
+    ``buffers.safetensors`` and ``plan_report.md`` (``planner/report.py``, the same estimate);
     an existing ``gencode`` folder is replaced. The graph is traced with parameters in
     ``config.param_dtype`` (the dtype the runtime keeps them in) and, with ``fused_kernels``,
     RMSNorm, SwiGLU and rotary as dimshard's fused kernels (``planner/fusion.py``).
@@ -176,8 +185,12 @@ def compile_model(model: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     from safetensors.torch import save_file
 
     save_file(_buffer_values(model, graph), str(output_dir / "buffers.safetensors"))
-    write_plan_report(graph, resolved, ctx, output_dir / "plan_report.md")
-    manifest = _plan_json(graph, resolved, model, config, example_inputs)
+    # One estimate for the report and plan.json: the one the search checked against the budgets.
+    hw = ctx.extra["hw_profile"]
+    est = compiled_estimate(graph, resolved, hw, ctx.extra)
+    gpu_budget = gpu_budget_of(config.memory_budget_gb, config.memory_budget_source)
+    write_plan_report(graph, resolved, ctx, output_dir / "plan_report.md", est, gpu_budget)
+    manifest = _plan_json(graph, resolved, model, config, example_inputs, estimate_entry(est, hw, gpu_budget, ctx.extra))
     # plan.json last: its presence marks a complete compile output.
     tmp = output_dir / "plan.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))

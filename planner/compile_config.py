@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 # Bumped when the compile output's layout or meaning changes, so older outputs read as stale.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: plan.json names where each weight sits in a Hugging Face checkpoint
 
 # ``loss`` values compile_model knows how to build; any other value names a caller's forward_fn.
 MODEL_LOSS = "model"  # model(**inputs): the Hugging Face model's own loss
@@ -35,7 +35,8 @@ CHUNKED_LOSS = "chunked_cross_entropy"  # planner.hf.chunked_causal_lm_forward(l
 # describe() keys too long to print when they change: what to say instead.
 _SUMMARIZED = {"model_digest": "the model (config or parameter shapes)",
                "hw_profile_contents": "the hardware profile's contents", "versions": "library versions",
-               "host_memory_budget_gb_default": "this machine's host memory per GPU (auto's offload budget)"}
+               "host_memory_budget_gb_default": "this machine's host memory per GPU (auto's offload budget)",
+               "memory_budget_source": "where the GPU memory budget came from"}
 # Fields filled from the model and example inputs by ``for_model``.
 _MODEL_FIELDS = ("model", "model_digest", "inputs")
 
@@ -106,7 +107,9 @@ class CompileConfig:
     ``mesh_shapes``; for every policy: ``grad_accumulation_steps``, which sets plan.json's
     ``gradients`` entry). ``hw_profile`` names the cost model's hardware profile (a shipped name or a
     JSON file; None: ``hardware.default_hw_profile()``); its contents, not its name, are
-    fingerprinted. ``loss`` says what the traced forward returns: ``"model"`` (the model's own
+    fingerprinted. ``memory_budget_gb`` (10^9 bytes per GPU; None: no limit) is what the ``auto``
+    policy plans within; ``memory_budget_source`` says where it came from, for ``plan_report.md``
+    and plan.json (``budgets.default_gpu_budget`` gives both). ``loss`` says what the traced forward returns: ``"model"`` (the model's own
     loss), ``"chunked_cross_entropy"`` (decoder, then dimshard's chunked linear cross-entropy
     with ``loss_chunk_size`` tokens per chunk, 0: automatic) or the name of a ``forward_fn``
     passed to ``compile_model``. ``model``, ``model_digest`` and ``inputs`` are filled by
@@ -118,6 +121,7 @@ class CompileConfig:
     policy_options: Mapping[str, Any] = field(default_factory=dict)
     recompute: str = "none"
     memory_budget_gb: float | None = None
+    memory_budget_source: str = ""
     param_dtype: torch.dtype | None = None
     fused_kernels: bool = False
     loss: str = MODEL_LOSS
@@ -183,10 +187,10 @@ class CompileConfig:
             hw = load_hw_profile(self.hw_profile)
             d["hw_profile_contents"] = canonical(hw.to_dict(), "hardware profile")
             if self.policy == "auto" and "host_memory_budget_gb" not in self.policy_options:
-                from .offload_cost import default_host_budget_gb
+                from .budgets import default_host_budget
 
                 # Without the option, auto's offload budget comes from this machine's RAM and GPUs.
-                d["host_memory_budget_gb_default"] = default_host_budget_gb(hw)
+                d["host_memory_budget_gb_default"] = default_host_budget(hw).gb
         return d
 
     def fingerprint(self) -> str:

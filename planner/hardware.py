@@ -51,6 +51,15 @@ class HardwareProfile:
     gpus_per_node: int = 8
     internode_gbps: float = 400.0
     internode_alpha_us: float = 10.0
+    # Memory margins of the default budgets (planner/budgets.py), measured by benchmarks/memory_margin.py:
+    # GPU memory a training process holds outside PyTorch's allocator (GB), the allocator's reserved
+    # peak beyond the plan's estimate (a fraction of the estimate), host memory of the OS (GB per
+    # host) and of one training process besides its offloaded state (GB per rank); None: not measured.
+    gpu_context_gb: float | None = None
+    reserved_over_estimate: float | None = None
+    host_os_gb: float | None = None
+    host_process_gb: float | None = None
+    memory_margin_source: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HardwareProfile:
@@ -71,6 +80,9 @@ class HardwareProfile:
             cpu_adam_gelems=float(d.get("cpu_adam_gelems", 0.0)), host_memory_gb=d.get("host_memory_gb"),
             gpus_per_node=int(d.get("gpus_per_node", 8)), internode_gbps=float(d.get("internode_gbps", 400.0)),
             internode_alpha_us=float(d.get("internode_alpha_us", 10.0)),
+            gpu_context_gb=d.get("gpu_context_gb"), reserved_over_estimate=d.get("reserved_over_estimate"),
+            host_os_gb=d.get("host_os_gb"), host_process_gb=d.get("host_process_gb"),
+            memory_margin_source=d.get("memory_margin_source", ""),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +94,9 @@ class HardwareProfile:
                 "host_memory_gb": self.host_memory_gb,
                 "kernel_launch_us": self.kernel_launch_us, "estimated": list(self.estimated), "source": self.source,
                 "gpus_per_node": self.gpus_per_node, "internode_gbps": self.internode_gbps,
-                "internode_alpha_us": self.internode_alpha_us}
+                "internode_alpha_us": self.internode_alpha_us, "gpu_context_gb": self.gpu_context_gb,
+                "reserved_over_estimate": self.reserved_over_estimate, "host_os_gb": self.host_os_gb,
+                "host_process_gb": self.host_process_gb, "memory_margin_source": self.memory_margin_source}
 
     def matmul_rate(self, dtype: torch.dtype) -> float:
         """Sustained matmul FLOP/s for inputs of ``dtype`` (float32 rate for unknown dtypes)."""

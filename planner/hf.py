@@ -107,7 +107,8 @@ def build_on_meta(config: Any) -> torch.nn.Module:
     any above 2**26 elements, which go to meta and are rebuilt by the compile stage from the
     config if the graph reads them. Attention is dimshard's (``attn_implementation="dimshard"``, see
     ``kernels/hf_attention.py``): one traced op per layer that takes sliding windows, logit
-    soft-capping and document ids, and no mask tensor. Raises UnsupportedModelError for a
+    soft-capping and document ids, and no mask tensor (a family that picks its attention class
+    from a fixed table keeps its eager one). Raises UnsupportedModelError for a
     mixture-of-experts config.
     """
     from transformers import AutoModelForCausalLM
@@ -118,7 +119,49 @@ def build_on_meta(config: Any) -> torch.nn.Module:
     name = register()
     config._attn_implementation = name
     with _parameters_on_meta():
-        return AutoModelForCausalLM.from_config(config, attn_implementation=name)
+        try:
+            return AutoModelForCausalLM.from_config(config, attn_implementation=name)
+        except KeyError as error:
+            if error.args != (name,):
+                raise
+        # A family that picks its attention class by name from a fixed table (GPT-Neo; GPT-J and
+        # Falcon in transformers 5.17) keeps its eager attention, traced op by op, as
+        # tests/test_model_breadth.py checks it.
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.set_attn_implementation(name)
+    return model
+
+
+def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
+    """Where ``save_pretrained`` puts each weight: ``{state-dict name: key in model.safetensors}``.
+
+    Covers every parameter (under the name ``named_parameters`` gives it, i.e. a tied weight
+    once) and every persistent buffer. transformers 5 renames some weights between module and
+    file (GPT-NeoX's ``lm_head`` is ``embed_out`` on disk, EXAONE's layers are ``transformer.h``:
+    its ``conversion_mapping.py``) and writes a tied weight once, under the name it keeps; the
+    keys come from transformers' own save path (its tied-weight removal, then its reverted key
+    conversion), so they follow the installed version. A weight transformers converts on load
+    (fused or split tensors) rather than renames is left out. Empty for a model that is not a
+    transformers ``PreTrainedModel``.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    # A renamed weight keeps its tensor object; converted ones are new tensors and match nothing.
+    state_name = {id(tensor): name for name, tensor in state.items()}
+    on_disk = {state_name[id(tensor)]: key for key, tensor in revert_weight_conversion(model, dict(state)).items()
+               if id(tensor) in state_name}
+    # The state dict may keep a tied weight under another of its names than named_parameters' first one.
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(param), name)
+    alias = {name: first[id(param)] for name, param in model.named_parameters(remove_duplicate=False)}
+    return {alias.get(name, name): key for name, key in on_disk.items()}
 
 
 @dataclass

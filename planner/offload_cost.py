@@ -18,8 +18,8 @@ run time):
   longest.
 
 Rates come from the hardware profile (``h2d_gbps``, ``d2h_gbps`` pinned copies,
-``cpu_adam_gelems`` the CPU update in 10^9 elements/s, ``host_memory_gb`` and ``gpus_per_node``
-for the default host budget per rank), with the defaults below for a profile without them.
+``cpu_adam_gelems`` the CPU update in 10^9 elements/s), with the defaults below for a profile
+without them. The host budget the offloaded bytes must fit is ``planner/budgets.py``'s.
 """
 
 from __future__ import annotations
@@ -41,9 +41,6 @@ from .scopes import outermost_scopes, scopes_within
 DEFAULT_H2D_GBPS = 50.0
 DEFAULT_D2H_GBPS = 50.0
 DEFAULT_CPU_ADAM_GELEMS = 1.0
-# What the default host budget leaves to the OS, the data loader and the process itself.
-HOST_MARGIN = 0.10
-HOST_RESERVE_GB = 8.0
 STAGING_NUMEL = 2**24  # runtime/optimizer_offload.py's default chunk
 
 
@@ -61,42 +58,6 @@ class OffloadRates:
         return cls(h2d=float(getattr(hw, "h2d_gbps", 0) or DEFAULT_H2D_GBPS) * 1e9,
                    d2h=float(getattr(hw, "d2h_gbps", 0) or DEFAULT_D2H_GBPS) * 1e9,
                    cpu_adam=float(getattr(hw, "cpu_adam_gelems", 0) or DEFAULT_CPU_ADAM_GELEMS) * 1e9)
-
-
-def _meminfo_total_gb() -> float | None:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024 / GB
-    except OSError:
-        return None
-    return None
-
-
-def default_host_budget_gb(hw: HardwareProfile, ranks_per_host: int | None = None) -> float | None:
-    """Host memory per rank for offloaded state: the host's RAM shared by its GPUs, less a margin.
-
-    On a machine with GPUs (the job's own) its RAM and GPU count are used; elsewhere the
-    profile's ``host_memory_gb`` and ``gpus_per_node``. None when neither is known (no limit).
-    """
-    import torch
-
-    ram, gpus = None, ranks_per_host
-    if torch.cuda.is_available():
-        ram, gpus = _meminfo_total_gb(), gpus or torch.cuda.device_count()
-    if ram is None:
-        ram = getattr(hw, "host_memory_gb", None)
-        gpus = gpus or int(getattr(hw, "gpus_per_node", 1) or 1)
-    if not ram:
-        return None
-    return max(0.0, (ram * (1 - HOST_MARGIN) - HOST_RESERVE_GB) / max(gpus or 1, 1))
-
-
-def host_budget_bytes(extra: Mapping[str, Any] | None, hw: HardwareProfile) -> float | None:
-    """The host-memory budget per rank in bytes: ``host_memory_budget_gb`` of the options, else the default."""
-    given = (extra or {}).get("host_memory_budget_gb")
-    gb = float(given) if given is not None else default_host_budget_gb(hw)
-    return None if gb is None else gb * GB
 
 
 @dataclass(frozen=True)

@@ -5,42 +5,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .budgets import host_budget, host_margin
 from .cost import GB, Estimate
-from .cost import analyze as analyze_plan
 from .graph import Graph
 from .hardware import HardwareProfile
-from .layers import decoder_layer_scopes
-from .offload_cost import (
-    OffloadRates,
-    apply_offload,
-    host_budget_bytes,
-    optimizer_update_seconds,
-    owned_state,
-)
+from .offload_cost import OffloadRates, optimizer_update_seconds, owned_state
 from .plan import ResolvedPlan
-
-
-def estimate_with_offload(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: HardwareProfile,
-                          dp_size: int = 1, zero: bool = True, accumulation: int = 1) -> Estimate:
-    """``est`` (of a plan not priced by the search) with the plan's own offloads applied; unchanged without."""
-    plan = resolved.plan
-    if not (plan.offload_optimizer or plan.offload_scopes) or est.host_bytes:
-        return est
-    regions = list(dict.fromkeys(decoder_layer_scopes(graph) + list(plan.recompute_scopes)))
-    analysis = analyze_plan(graph, resolved, hw, dp_size, zero, regions=regions, accumulation=accumulation)
-    return apply_offload(graph, resolved, analysis, list(plan.recompute_scopes), plan.offload_optimizer,
-                         plan.offload_scopes, OffloadRates.of(hw), dp_size, zero).estimate
 
 
 def report_lines(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: HardwareProfile,
                  extra: Mapping[str, Any] | None, dp_size: int = 1, zero: bool = True) -> list[str]:
-    """Markdown lines: GPU peak, host peak per rank against the host budget, and what is offloaded."""
+    """Markdown lines: GPU peak, host memory per rank against the host budget, and what is offloaded."""
     plan = resolved.plan
-    host_budget = host_budget_bytes(extra, hw)
-    budget = f" (host budget {host_budget / GB:.1f} GB per rank)" if host_budget is not None else ""
+    host = host_budget(extra, hw)
+    budget = f" (host budget {host.gb:.1f} GB per rank)" if host.gb is not None else ""
+    process_gb = host_margin(hw)[1]
     lines = ["## CPU offload", "", "| | per rank |", "|---|---|",
              f"| GPU peak | {est.peak_bytes / GB:.3g} GB |",
-             f"| host memory held | {est.host_bytes / GB:.3g} GB{budget} |"]
+             f"| host memory held | {est.host_bytes / GB:.3g} GB{budget} |",
+             f"| expected resident set | {est.host_bytes / GB + process_gb:.3g} GB ({process_gb:.1f} GB the process "
+             "holds itself besides the offloaded state) |"]
     rates = OffloadRates.of(hw)
     if plan.offload_optimizer:
         elements, param_bytes = owned_state(graph, resolved, dp_size, zero)

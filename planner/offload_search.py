@@ -6,7 +6,7 @@ the GPU budget but would be faster than the fastest one that fits gets offloaded
 recomputed layers that make it fit, or both). Offload only adds time (host-device copies are
 slower than HBM), so a candidate already slower than the best fit cannot win and is skipped; when
 nothing fits, every candidate is tried. A variant is feasible when its GPU peak fits the GPU
-budget and its host bytes fit the host budget per rank (``offload_cost.host_budget_bytes``).
+budget and its host bytes fit the host budget per rank (``budgets.host_budget``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from . import budgets
 from .cost import GB, Estimate
 from .cost import analyze as analyze_plan
 from .graph import Graph
 from .hardware import HardwareProfile
 from .layers import decoder_layer_scopes
-from .offload_cost import describe, fits, host_budget_bytes, offload_variants, offloaded_plan
+from .offload_cost import describe, fits, offload_variants, offloaded_plan
 from .offload_plan import offload_mode
 from .plan import Plan, resolve_placements
 
@@ -45,7 +46,7 @@ def offload_candidates(graph: Graph, evaluated: Mapping[tuple, Any], extra: Mapp
     mode = offload_mode(extra)
     if mode == "none" or (gpu_budget is None and mode == "auto"):
         return []
-    host_budget = host_budget_bytes(extra, hw)
+    host_budget = budgets.host_budget(extra, hw).bytes
     best = min((c.estimate.step_s for c in evaluated.values() if c.feasible), default=math.inf)
     todo = [c for c in evaluated.values() if mode != "auto" or (not c.feasible and c.estimate.step_s < best)]
     analyses = {} if analyses is None else analyses
@@ -69,7 +70,7 @@ def offload_candidates(graph: Graph, evaluated: Mapping[tuple, Any], extra: Mapp
 def no_fit_message(candidates: list[Any], gpu_budget: float | None, extra: Mapping[str, Any] | None,
                    hw: HardwareProfile, hint: str) -> str:
     """The compile error when no candidate fits: the smallest GPU and host peaks found, and what to change."""
-    host_budget = host_budget_bytes(extra, hw)
+    host_budget = budgets.host_budget(extra, hw).bytes
 
     def host(c: Any) -> float:
         return getattr(c.estimate, "host_bytes", 0.0)

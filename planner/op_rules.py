@@ -655,6 +655,28 @@ def _index_select(call: OpCall) -> str:
     return f"{_fmt(ins)}, s^ -> {_fmt(outs)}"
 
 
+def _gather(call: OpCall) -> str:
+    """``torch.gather(x, dim, index)``: the output has the index's shape. The gathered dim of ``x``
+    stays whole and the index's (the output's) may split; another dim maps through where ``x`` and
+    the index have the same size there, and stays whole where the index is shorter."""
+    if len(call.inputs) != 2 or call.inputs[0].ndim != call.inputs[1].ndim:
+        return _opaque(call)
+    x, index = call.inputs
+    d = _norm_dim(call.arg(1, "dim"), x.ndim)
+    xs, ids = [], []
+    for i in range(x.ndim):
+        if i == d:
+            xs.append("s^")
+            ids.append("g")
+        elif x.shape[i] == index.shape[i]:
+            xs.append(f"d{i}")
+            ids.append(f"d{i}")
+        else:
+            xs.append(f"x{i}^")
+            ids.append(f"i{i}^")
+    return f"{_fmt(xs)}, {_fmt(ids)} -> {_fmt(ids)}"
+
+
 _MORE_ELEMENTWISE = ["div_", "sub_", "neg_", "clamp_", "pow_", "exp_", "tanh_", "sqrt_", "rsqrt_", "sigmoid_",
                      "relu", "floor", "ceil", "round", "trunc", "sign", "log1p", "expm1", "sinh", "cosh", "atan", "log2",
                      "exp2", "fmod", "isnan", "isinf", "isfinite", "nan_to_num", "clamp_min", "clamp_max"]
@@ -674,6 +696,7 @@ def _register_breadth_rules() -> None:
     set_rule("torch.functional.split", get_rule("torch.split"))
     set_rule("torch.scalar_tensor", _factory)  # CPM-Ant's masked fill value
     set_rule(["torch.Tensor.index_select", "torch.index_select"], _index_select)
+    set_rule(["torch.Tensor.gather", "torch.gather"], _gather)  # GPT-J's rotary table lookup (eager attention)
     for name in ["torch.Tensor.expand_as", "torch.Tensor.view_as", "torch.Tensor.reshape_as"]:
         set_rule(name, _with_shape_operand(get_rule(name)))
     for name in ["torch.max", "torch.Tensor.max", "torch.min", "torch.Tensor.min"]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cost import GB, Estimate, estimate
-from .gradient_buffers import grad_accumulation_steps
+from .budgets import MemoryBudget, host_budget
+from .cost import GB, Estimate
 from .graph import Graph
 from .hardware import HardwareProfile, load_hw_profile
 from .plan import ResolvedPlan, Shard
+from .plan_estimate import compiled_estimate, gpu_budget_of
 from .policies import PolicyContext, decoder_layer_scopes
 
 PEAK_TFLOPS = 989.0  # dense bf16 peak of H100/H200, the MFU denominator of docs/design.md, "Measuring: MFU"
@@ -107,10 +108,36 @@ def model_mfu(graph: Graph, est: Estimate, plan_ngpus: int, peak_tflops: float =
     return flops / (est.step_s * plan_ngpus * peak_tflops * 1e12)
 
 
+def _budget_lines(est: Estimate, gpu: MemoryBudget, host: MemoryBudget, hw: HardwareProfile) -> list[str]:
+    """Which budgets the plan was checked against, where each came from, and where the margins were measured."""
+    lines = ["## Memory budgets", "",
+             "The estimate above is the one the budget check used and plan.json records (`estimate`).", ""]
+    if gpu.bytes is None:
+        lines.append(f"- GPU: no limit ({gpu.source}).")
+    else:
+        verdict = "within it" if est.peak_bytes <= gpu.bytes else \
+            f"**over it by {_size(est.peak_bytes - gpu.bytes)}**"
+        lines.append(f"- GPU: {_size(gpu.bytes)} per GPU, peak estimate {_size(est.peak_bytes)} {verdict}; "
+                     f"from {gpu.source}.")
+    if host.bytes is None:
+        lines.append(f"- Host: no limit ({host.source}).")
+    else:
+        lines.append(f"- Host: {_size(host.bytes)} per rank for offloaded state, {_size(est.host_bytes)} offloaded; "
+                     f"from {host.source}.")
+    if hw.memory_margin_source:
+        lines.append(f"- Margins of profile `{hw.name}`: {hw.memory_margin_source}.")
+    return [*lines, ""]
+
+
 def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: HardwareProfile,
-                budget_gb: float | None = None, candidates: list | None = None, search_note: str = "",
+                gpu_budget: MemoryBudget | None = None, candidates: list | None = None, search_note: str = "",
                 offload_extra: dict | None = None) -> str:
-    """The markdown report of a resolved plan with its estimate; ``candidates`` (auto's) add a runner-up table."""
+    """The markdown report of a resolved plan with its estimate; ``candidates`` (auto's) add a runner-up table.
+
+    ``gpu_budget`` is the budget the plan was compiled under (default: none); the host budget is
+    the one ``offload_extra`` (the policy options) gives (``budgets.host_budget``).
+    """
+    gpu_budget = gpu_budget or gpu_budget_of(None)
     plan = resolved.plan
     mesh = plan.mesh
     layer_scopes = decoder_layer_scopes(graph)
@@ -139,8 +166,9 @@ def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwar
     lines += ["## Peak memory per GPU", "", "| category | bytes |", "|---|---|"]
     for key, value in est.memory.items():
         lines.append(f"| {key} | {_size(value)} |")
-    budget = f", budget {budget_gb:.1f} GB" if budget_gb is not None else ""
+    budget = f", budget {_size(gpu_budget.bytes)}" if gpu_budget.bytes is not None else ""
     lines += [f"| **peak** ({est.peak_phase}) | **{_size(est.peak_bytes)}**{budget} |", ""]
+    lines += _budget_lines(est, gpu_budget, host_budget(offload_extra, hw), hw)
     lines += [f"Recompute: {_compress_scopes(list(plan.recompute_scopes), layer_scopes)}.", ""]
     if plan.offload_optimizer or plan.offload_scopes or est.host_bytes:
         from .offload_report import report_lines as offload_lines
@@ -207,30 +235,27 @@ def plan_report(graph: Graph, resolved: ResolvedPlan, est: Estimate, hw: Hardwar
     return "\n".join(lines)
 
 
-def write_plan_report(graph: Graph, resolved: ResolvedPlan, ctx: PolicyContext, path: str | Path) -> str:
+def write_plan_report(graph: Graph, resolved: ResolvedPlan, ctx: PolicyContext, path: str | Path,
+                      est: Estimate | None = None, gpu_budget: MemoryBudget | None = None) -> str:
     """Write ``plan_report.md`` for any policy's resolved plan and return its text.
 
-    A searched plan (``resolved.plan.search``, set by ``auto``) is reported with the search's own
-    estimate and runner-ups; any other plan is estimated here with ``ctx.extra["hw_profile"]``
-    (default: ``default_hw_profile()``) and ``ctx.extra["dp_size"]`` (default 1).
+    ``est`` is the plan's estimate as ``compile_model`` records it in plan.json; by default
+    ``plan_estimate.compiled_estimate`` (a searched plan's own, else priced here with
+    ``ctx.extra["hw_profile"]``, ``dp_size``, ``zero``). ``gpu_budget`` says where
+    ``ctx.memory_budget_gb`` came from (default: given by the caller). A searched plan also lists
+    its runner-ups.
     """
     extra = ctx.extra or {}
     result = resolved.plan.search
+    hw = result.hw if result is not None else load_hw_profile(extra.get("hw_profile"))
+    est = est if est is not None else compiled_estimate(graph, resolved, hw, extra)
+    gpu_budget = gpu_budget or gpu_budget_of(ctx.memory_budget_gb)
     if result is not None:
-        hw = result.hw
-        est = result.best.estimate
         note = (f"Searched in {result.seconds:.1f} s ({result.solves} exact solves"
                 + (f"; one plan for all {result.layers_planned_once} identical layers" if result.layers_planned_once
                    else "") + ").")
-        text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, result.candidates, note, extra)
+        text = plan_report(graph, resolved, est, hw, gpu_budget, result.candidates, note, extra)
     else:
-        hw = load_hw_profile(extra.get("hw_profile"))
-        dp_size, zero, accumulation = int(extra.get("dp_size", 1)), bool(extra.get("zero", True)), \
-            grad_accumulation_steps(extra)
-        est = estimate(graph, resolved, hw, dp_size, zero, accumulation)
-        from .offload_report import estimate_with_offload
-
-        est = estimate_with_offload(graph, resolved, est, hw, dp_size, zero, accumulation)
-        text = plan_report(graph, resolved, est, hw, ctx.memory_budget_gb, offload_extra=extra)
+        text = plan_report(graph, resolved, est, hw, gpu_budget, offload_extra=extra)
     Path(path).write_text(text)
     return text

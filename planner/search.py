@@ -57,10 +57,12 @@ from .gradient_buffers import grad_accumulation_steps
 from .graph import Graph, Op
 from .hardware import HardwareProfile, load_hw_profile
 from .layers import layer_structure, mlp_scopes
-from .offload_plan import with_offload_of
+from .offload_cost import fits
+from .offload_plan import offload_mode, with_offload_of
 from .offload_search import no_fit_message, offload_candidates, split_key
 from .placement_problem import PlacementProblem, Weights
 from .plan import Mesh, Plan, PlanError, resolve_placements
+from .plan_estimate import plan_estimate
 from .policies import PolicyContext, decoder_layer_scopes, recompute_scopes, register_policy
 from .sequence_split import has_sequence_split_choices, sequence_split_axis
 from .sequence_split import not_offered as sequence_split_not_offered
@@ -190,12 +192,13 @@ def _search_mesh(graph: Graph, problem: PlacementProblem, n_layers: int, choices
                 resolved = resolve_placements(graph, plan)
                 analyses[key] = (resolved, analyze_plan(graph, resolved, hw, dp_size, zero, regions=regions,
                                                         accumulation=accumulation))
-            analysis = analyses[key][1]
+            resolved, analysis = analyses[key]
             fastest = None
             for scopes in choices:
-                est = analysis.estimate(scopes)
-                candidate = Candidate(Plan(plan.mesh, plan.splits, list(scopes), "auto"), est,
-                                      budget is None or est.peak_bytes <= budget,
+                candidate_plan = Plan(plan.mesh, plan.splits, list(scopes), "auto")
+                # The budget check reads the estimate plan.json and plan_report.md will show.
+                est = plan_estimate(graph, resolved, analysis, candidate_plan, hw, dp_size, zero)
+                candidate = Candidate(candidate_plan, est, fits(est, budget, None),
                                       f"mesh {'x'.join(map(str, shape))}, split weights for {k} recomputed layers, "
                                       f"memory weight {lam:.3g} s/byte")
                 evaluated.setdefault(_signature(candidate.plan), candidate)
@@ -247,8 +250,16 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
             with sequence_split_not_offered():
                 problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
             solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated, analyses)
-    for c in offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate, accumulation,
-                                analyses):
+    offloaded = offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate, accumulation,
+                                   analyses)
+    if offload_mode(extra) not in ("auto", "none"):
+        # A forced offload applies to the plan compile_model writes: only offloaded candidates may win.
+        if not offloaded:
+            raise PlanError(f"offload '{offload_mode(extra)}' keeps the inputs of recomputed scopes in host memory, "
+                            f"but recompute '{ctx.recompute}' recomputes nothing: set recompute to auto or layer, or "
+                            "offload only the optimizer")
+        evaluated = {}
+    for c in offloaded:
         evaluated.setdefault((*_signature(c.plan), c.plan.offload_optimizer, tuple(c.plan.offload_scopes)), c)
     ranked = sorted(evaluated.values(),
                     key=lambda c: (not c.feasible, c.estimate.step_s if c.feasible else c.estimate.peak_bytes))

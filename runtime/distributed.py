@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from . import collective_order
+from .gpu_memory import enable_expandable_segments
 
 __all__ = ["ParallelContext", "destroy_parallel", "init_parallel"]
 
@@ -103,8 +104,10 @@ def init_parallel(
     `backend` defaults to nccl when CUDA is available, else gloo; with nccl the current device
     becomes cuda:LOCAL_RANK. Every group is created in the same order on every rank, as
     torch.distributed.new_group requires. `timeout` applies to the default group (when this call
-    creates it) and to all new groups; None inherits the default group's timeout.
+    creates it) and to all new groups; None inherits the default group's timeout. CUDA's allocator
+    gets expandable segments unless the user configured it (``gpu_memory.enable_expandable_segments``).
     """
+    enable_expandable_segments()  # the budgets the plan was made under were measured with it
     plan_ngpus = int(plan["plan_ngpus"])
     axis_names, axis_sizes = _check_plan(plan, plan_ngpus)
     collective_order.enable_from_env()  # the debug log must see the groups' first collectives

@@ -1,4 +1,5 @@
-"""Training metrics: MFU arithmetic, peak memory, and the per-logging-step record sinks.
+"""Training metrics: MFU arithmetic, peak memory (and the plan's estimate of it in the same units), and the
+per-logging-step record sinks.
 
 Each logging step produces one record ``{step, loss, grad_norm, lr, tokens_per_s, mfu,
 peak_mem_gb, skipped_steps}`` that is appended to ``<dump_dir>/metrics.jsonl``, shown on the
@@ -49,6 +50,51 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def host_memory_gib() -> dict[str, float]:
+    """This process's resident set now and at its peak (``rss``, ``peak``: VmRSS, VmHWM), GiB.
+
+    Page-locked buffers (offloaded optimizer state and activations) are included; NaN off Linux.
+    """
+    found = {"rss": float("nan"), "peak": float("nan")}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key = {"VmRSS:": "rss", "VmHWM:": "peak"}.get(line.split(":")[0] + ":")
+            if key:
+                found[key] = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return found
+
+
+def plan_estimate_record(plan: dict[str, Any], accumulation: int = 1) -> dict[str, Any]:
+    """plan.json's ``estimate`` (docs/contract.md) in the units measurements are printed in; {} without one.
+
+    ``est_step_s``: ``accumulation`` micro-batches, the gradient sync and the optimizer;
+    ``est_compute_only_s``: the same without communication (what a rank under a fake process
+    group measures); ``est_peak_gib``: allocated GPU memory per GPU (compare with
+    ``torch.cuda.max_memory_allocated``); ``est_host_rss_gib``: offloaded state plus the process's own
+    host memory (compare with VmHWM); the budgets in GB (10^9 bytes) with their sources.
+    """
+    est = plan.get("estimate")
+    if not est:
+        return {}
+
+    def gb(nbytes: float | None) -> float | None:
+        return None if nbytes is None else round(nbytes / 1e9, 2)
+
+    return {
+        "est_step_s": round((est["compute_s"] + est["comm_s"]) * accumulation + est["grad_sync_s"] + est["optimizer_s"],
+                            4),
+        "est_compute_only_s": round(est["compute_s"] * accumulation + est["optimizer_s"], 4),
+        "est_peak_gib": round(est["gpu_peak_bytes"] / 2**30, 2),
+        "est_host_offload_gib": round(est["host_offload_bytes"] / 2**30, 2),
+        "est_host_rss_gib": round((est["host_offload_bytes"] + est["host_process_bytes"]) / 2**30, 2),
+        "est_hw_profile": est["hw_profile"],
+        "gpu_budget_gb": gb(est["gpu_budget_bytes"]), "gpu_budget_source": est["gpu_budget_source"],
+        "host_budget_gb": gb(est["host_budget_bytes"]), "host_budget_source": est["host_budget_source"],
+    }
 
 
 METRICS_FILE = "metrics.jsonl"

@@ -94,11 +94,21 @@ class ParallelModule(torch.nn.Module):
                 "is it the model this plan was compiled for?"
             )
 
+    def full_buffers(self) -> dict[str, torch.Tensor]:
+        """The declared buffers (full tensors, the same on every rank), keyed by their original names."""
+        return {name: getattr(self, attr) for attr, name in self._buffer_names.items()}
+
     @torch.no_grad()
-    def load_buffers(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Fill the declared buffers from full tensors keyed by their names."""
+    def load_buffers(self, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Fill the declared buffers from full tensors keyed by their names.
+
+        ``strict``: every declared buffer must be in ``tensors`` (KeyError otherwise); without it,
+        only those present are replaced (a model folder's saved buffers over the compile output's).
+        """
         for attr, name in self._buffer_names.items():
             if name not in tensors:
+                if not strict:
+                    continue
                 raise KeyError(f"buffer {name} is missing from the compile output; recompile")
             getattr(self, attr).copy_(tensors[name])
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 import bisect
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,12 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 OPTIMIZER_KEYS = ("optimizer.exp_avg", "optimizer.exp_avg_sq")
 MASTER_KEY = "master"
+
+
+def offloads_optimizer(plan: Mapping[str, Any]) -> bool:
+    """Whether plan.json puts the optimizer state in host memory (its ``offload.optimizer``): pass it as
+    ``ZeroAdamW(offload=...)``, so the run holds what the plan's estimate priced."""
+    return bool((plan.get("offload") or {}).get("optimizer"))
 
 
 @dataclass

@@ -101,7 +101,9 @@ class TrainConfig:
         metadata=_help("folder holding plan.json and gencode/ from the compile stage; {name} is the run name"),
     )
     memory_budget_gb: float | None = field(
-        default=None, metadata=_help("per-GPU memory budget for the auto policy; default: the GPU's memory")
+        default=None, metadata=_help("per-GPU memory budget (GB) for the auto policy; default: this GPU's memory "
+                                     "(the hardware profile's when compiling without it) less the margin measured on "
+                                     "that GPU (planner/budgets.py)")
     )
     recompute: str = field(
         default="auto", metadata=_help("activation recompute: auto (planner decides), none, or layer",
@@ -121,8 +123,9 @@ class TrainConfig:
     )
     host_memory_budget_gb: float | None = field(
         default=None,
-        metadata=_help("per-rank host-memory budget for offloaded state; default: this machine's RAM shared by "
-                       "its GPUs less a margin, or the hardware profile's host RAM when compiling without GPUs"),
+        metadata=_help("per-rank host-memory budget (GB) for offloaded state; default: this machine's RAM less the "
+                       "measured margin for the OS, shared by its GPUs, less what a training process holds itself "
+                       "(planner/budgets.py), or the hardware profile's host RAM when compiling without GPUs"),
     )
     optimizer_update_device: str = field(
         default="auto",

@@ -25,10 +25,11 @@ from .collective_order import check_collective_order
 from .data import MicroBatchStream, make_batch_stream
 from .failures import StopSignal
 from .faults import fault_point
+from .gpu_memory import out_of_memory_guard
 from .grad_reducer import GradReducer, keeps_param_dtype
 from .lr_schedule import lr_at
 from .metrics import MetricsLogger, check_metrics_file, model_flops_utilization, peak_memory_gb
-from .optimizer import ZeroAdamW
+from .optimizer import ZeroAdamW, offloads_optimizer
 from .train_config import TrainConfig, resolve_dtype, resolve_peak_tflops
 
 if TYPE_CHECKING:
@@ -124,9 +125,10 @@ def train(
     (the caller initialises the weights: see ``resume_source``). A run that did not resume from
     its checkpoint_dir refuses one holding checkpoints, and a fresh run refuses to append to
     another run's metrics.jsonl (CheckpointError / ValueError naming the way out). SIGTERM on any
-    rank stops every rank at the same step boundary after a complete checkpoint. An exception
-    leaves earlier checkpoints intact. Call on every rank; returns the same TrainResult values on
-    every rank.
+    rank stops every rank at the same step boundary after a complete checkpoint. CUDA running out
+    of memory raises ``gpu_memory.GpuOutOfMemory``: one line with the plan's estimate, the measured
+    peaks and what to change. An exception leaves earlier checkpoints intact. Call on every rank;
+    returns the same TrainResult values on every rank.
     """
     config.validate()
     sequence_length = _check_layout(config, ctx, plan)
@@ -136,12 +138,13 @@ def train(
         check_checkpoint_dir_owned(config.checkpoint_dir, resumed_from)
     check_metrics_file(config.dump_dir, resuming=source is not None, replace=config.resume_path == "auto")
     local_params = module.local_parameters()
-    optimizer = ZeroAdamW(
-        local_params, ctx,
-        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay,
-        zero=config.zero, param_dtype=resolve_dtype(config, ctx.device),
-        offload=bool((plan.get("offload") or {}).get("optimizer")), update_device=config.optimizer_update_device,
-    )
+    with out_of_memory_guard(plan, ctx.device, ctx.rank):  # the optimizer state is allocated here
+        optimizer = ZeroAdamW(
+            local_params, ctx,
+            betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay,
+            zero=config.zero, param_dtype=resolve_dtype(config, ctx.device),
+            offload=offloads_optimizer(plan), update_device=config.optimizer_update_device,
+        )
     reducer = GradReducer(local_params, ctx,
                           keep_param_dtype=keeps_param_dtype(plan, config.grad_accumulation_steps))
     stream = make_batch_stream(
@@ -170,15 +173,16 @@ def train(
         interval_start = time.perf_counter()
         for step in range(start_step, config.max_steps):
             lr = lr_at(step, **schedule)
-            for micro_step in range(accumulation):
-                batch = next(stream)
-                last = micro_step == accumulation - 1
-                with contextlib.nullcontext() if last else reducer.no_sync():
-                    loss = module(**batch)  # input_ids, labels (+ position_ids, document_ids when packed)
-                    (loss / accumulation).backward()
-                interval_loss += loss.detach().float() / accumulation
-            fault_point("train.step", rank=ctx.rank, step=step + 1)
-            outcome = optimizer.step(reducer.finish(), lr, config.clip_grad_norm)
+            with out_of_memory_guard(plan, ctx.device, ctx.rank, step + 1):
+                for micro_step in range(accumulation):
+                    batch = next(stream)
+                    last = micro_step == accumulation - 1
+                    with contextlib.nullcontext() if last else reducer.no_sync():
+                        loss = module(**batch)  # input_ids, labels (+ position_ids, document_ids when packed)
+                        (loss / accumulation).backward()
+                    interval_loss += loss.detach().float() / accumulation
+                fault_point("train.step", rank=ctx.rank, step=step + 1)
+                outcome = optimizer.step(reducer.finish(), lr, config.clip_grad_norm)
             reducer.zero_grad()
             interval_steps += 1
             completed = step + 1

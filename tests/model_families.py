@@ -34,7 +34,9 @@ EXTRA = {
     **{name: {"head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 16,
               "q_lora_rank": 32, "num_key_value_heads": 4} for name in ("minicpm3", "youtu")},
     # Per-layer head dims: the family's own (None drops a TINY field).
-    "gemma4_text": {"head_dim": None}, "gemma4_unified_text": {"head_dim": None},
+    # Per-layer input embeddings: a small vocabulary there too (the default, 262144, is 134M parameters).
+    "gemma4_text": {"head_dim": None, "vocab_size_per_layer_input": 128},
+    "gemma4_unified_text": {"head_dim": None, "vocab_size_per_layer_input": 128},
 }
 
 ENCODER_AS_DECODER = "a bidirectional encoder with an LM head (is_decoder), not a decoder-only LM"

@@ -176,13 +176,14 @@ def test_train_py_reuses_only_a_current_compile_output(tmp_path, monkeypatch):
 
 
 def test_auto_without_a_host_budget_depends_on_this_machines_memory(tmp_path, monkeypatch):
-    from dimshard.planner import offload_cost
+    from dimshard.planner import budgets
 
     config = _reference_config().for_model(_model(), _inputs())
     (tmp_path / "plan.json").write_text(json.dumps({"fingerprint": config.fingerprint(),
                                                     "compile_config": config.describe()}))
     assert compile_status(tmp_path, config) == (True, "matches")
-    monkeypatch.setattr(offload_cost, "default_host_budget_gb", lambda hw, ranks_per_host=None: 12345.0)
+    monkeypatch.setattr(budgets, "default_host_budget",
+                        lambda hw, ranks_per_host=None: budgets.MemoryBudget(12345.0, "stub"))
     current, why = compile_status(tmp_path, config)
     assert not current and "host memory per GPU" in why
     given = dataclasses.replace(config, policy_options={**config.policy_options, "host_memory_budget_gb": 100.0})

@@ -185,6 +185,14 @@ def test_bad_checkpoint_files_give_one_line_errors(tmp_path, capsys):
     line = error_line(["--ckpt_dir", str(good), "--hf_output_dir", str(tmp_path / "hf"),
                        "--model_config", str(bad_config)])
     assert "config.json" in line and "--model_config" in line
+    # Another family's config: the trained parameters have no place in its checkpoint.
+    from transformers import GPTNeoXConfig
+
+    other = tmp_path / "other_config"
+    GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2).save_pretrained(other)
+    line = error_line(["--ckpt_dir", str(good), "--hf_output_dir", str(tmp_path / "hf"), "--model_config", str(other)])
+    assert "GPTNeoXForCausalLM" in line and "model.embed_tokens.weight" in line and "--model_config" in line
 
 
 def test_cli_help_lists_every_flag():

@@ -53,6 +53,9 @@ for n in BINARY:
 for n in ["silu", "gelu", "relu", "softplus", "leaky_relu", "elu", "mish", "hardswish", "tanh", "sigmoid"]:
     CASES[f"torch.nn.functional.{n}"] = (getattr(F, n), (_t(4, 8),))
 CASES.update({
+    # The index is shorter than the source in the gathered dim (1) and in dim 2: both rule branches.
+    "torch.gather": (torch.gather, (_t(2, 10, 6), 1, torch.randint(0, 10, (2, 4, 3), generator=G))),
+    "torch.Tensor.gather": (torch.Tensor.gather, (_t(2, 10, 6), 1, torch.randint(0, 10, (2, 4, 6), generator=G))),
     "torch.nn.functional.linear": (F.linear, (_t(2, 4, 8), _t(6, 8))),
     "torch.matmul": (torch.matmul, (_t(2, 4, 8), _t(2, 8, 6))),
     "torch.Tensor.matmul": (torch.Tensor.matmul, (_t(4, 8), _t(8, 6))),

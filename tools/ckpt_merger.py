@@ -8,10 +8,13 @@ The merged file is safetensors: parameters under their original names, AdamW mom
 ``master.<name>``, and the step, trainer state and plan as JSON in the file's metadata. Resume
 from it under any plan with ``--resume_path <file>``. All rank files must be in the step folder.
 
-The Hugging Face folder also gets the tokenizer files and generation_config.json of the source
-model folder (``--model_config`` when it is a folder, else the run's ``--model_id``) when it has
-them, so that ``transformers.pipeline("text-generation", model=<folder>)`` works on it. A missing,
-partial or corrupt file gives one ``error:`` line saying what to do, and exit status 1.
+The Hugging Face folder holds the weights as ``save_pretrained`` writes them, so that
+``from_pretrained`` loads every one: under transformers' own keys (GPT-NeoX's ``lm_head`` is
+``embed_out`` on disk), a tied weight once, with the model's persistent buffers. It also gets
+the tokenizer files and generation_config.json of the source model folder (``--model_config``
+when it is a folder, else the run's ``--model_id``) when it has them, so that
+``transformers.pipeline("text-generation", model=<folder>)`` works on it. A missing, partial or
+corrupt file gives one ``error:`` line saying what to do, and exit status 1.
 """
 
 from __future__ import annotations
@@ -67,17 +70,61 @@ def source_model_dir(model_config: str | None, trainer_state: dict) -> Path | No
     return None
 
 
+def hf_state_dict(tensors: dict, plan: dict, config: dict, source_dir: Path | None = None) -> dict:
+    """The tensors ``save_pretrained`` would write for the trained model, keyed as it keys them.
+
+    Each parameter goes under the key transformers gives it on disk (installed version; GPT-NeoX's
+    ``lm_head`` is ``embed_out``, a tied weight is written once: ``planner.hf.checkpoint_names``),
+    and the model's persistent buffers, which training does not change, come along: the values in
+    ``source_dir``'s weights where it has them (what the run loaded), else the config's. Raises
+    CheckpointError when the trained parameters and the config's model differ.
+    """
+    from transformers import AutoConfig
+
+    from dimshard.planner.hf import build_on_meta, checkpoint_names
+    from dimshard.runtime.weights import has_weights, read_tensors
+
+    try:
+        model = build_on_meta(AutoConfig.for_model(**config))
+    except Exception as error:  # an unknown model_type, inconsistent sizes: transformers' own error types
+        raise CheckpointError(f"cannot build the model of the config for --hf_output_dir ({type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:300]}); pass --model_config <the model folder the "
+                              "run was started from>") from None
+    on_disk = checkpoint_names(model)
+    trained = [p["name"] for p in plan["parameters"]]
+    buffers = dict(model.named_buffers())
+    unplaced = [name for name in trained if name not in on_disk]
+    untrained = [name for name in on_disk if name not in trained and name not in buffers]
+    if unplaced or untrained:
+        raise CheckpointError(
+            f"the checkpoint does not hold the parameters of the config's {type(model).__name__}: "
+            f"{len(unplaced)} trained parameters have no place in its checkpoint (e.g. {unplaced[:3]}, or "
+            f"transformers converts them on load, fused or split, which the export does not do), {len(untrained)} "
+            f"of its parameters were not trained (e.g. {untrained[:3]}); pass --model_config <the model folder the "
+            "run was started from>")
+    state = {on_disk[name]: tensors[name] for name in trained}
+    persistent = {on_disk[name]: name for name in on_disk if name in buffers}
+    saved = read_tensors(source_dir, persistent) if source_dir is not None and has_weights(source_dir) else {}
+    for key, name in persistent.items():
+        if key not in saved and buffers[name].is_meta:
+            raise CheckpointError(f"buffer {name} is too large to rebuild from the config; pass --model_config "
+                                  "<the model folder the run was started from, with its weights>")
+        state[key] = saved.get(key, buffers[name])
+    return state
+
+
 def export_hf(tensors: dict, metadata: dict, config: dict, output_dir: str | Path,
               source_dir: Path | None = None) -> list[str]:
-    """Write a folder loadable by ``AutoModelForCausalLM.from_pretrained``: config.json plus the
-    parameters (in their trained dtype, sharded safetensors with an index when large), and the
-    tokenizer files and generation_config.json found in ``source_dir``; returns the copied names."""
+    """Write a folder loadable by ``AutoModelForCausalLM.from_pretrained`` with every weight:
+    config.json plus ``hf_state_dict`` (in the trained dtype, sharded safetensors with an index
+    when large), and the tokenizer files and generation_config.json found in ``source_dir``;
+    returns the copied names."""
     from huggingface_hub import save_torch_state_dict
 
-    names = [p["name"] for p in metadata["plan"]["parameters"]]
     output_dir = Path(output_dir)
+    state = hf_state_dict(tensors, metadata["plan"], config, source_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict({name: tensors[name] for name in names}, output_dir)
+    save_torch_state_dict(state, output_dir)
     (output_dir / "config.json").write_text(json.dumps(config, indent=2))
     copied = []
     if source_dir is not None and source_dir.resolve() != output_dir.resolve():

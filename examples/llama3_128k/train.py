@@ -17,12 +17,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from dimshard.cli import UserInputError, parse_dataclass_args
 from dimshard.runtime.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from dimshard.planner.budgets import MemoryBudget
+    from dimshard.runtime.distributed import ParallelContext
+    from dimshard.runtime.trainer import TrainResult
 
 
 @dataclass
@@ -114,19 +120,16 @@ def _compile_inputs(args: TrainArgs, sequence_length: int) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-# Part of a GPU's memory the auto policy leaves free by default: CUDA context, NCCL buffers and
-# allocator fragmentation, which the cost model does not count.
-MEMORY_MARGIN = 0.08
-
-
-def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
+def _policy_options(args: TrainArgs) -> tuple[dict, MemoryBudget]:
     """The policy's options (data-parallel copies, ZeRO, micro-batches per step) and the per-GPU memory budget.
 
-    The budget is ``--memory_budget_gb``, or for ``--policy auto`` the hardware profile's GPU
-    memory less 8% (see MEMORY_MARGIN); other policies get no budget (the report still shows
-    their memory). Only ``auto`` depends on the data-parallel degree, so only its compile output
-    is tied to ``--runtime_ngpus``.
+    The budget (a ``planner.budgets.MemoryBudget``: GB and where they came from) is
+    ``--memory_budget_gb``, or for ``--policy auto`` this GPU's memory (the hardware profile's
+    when compiling without a GPU) less the profile's measured margin (``planner/budgets.py``);
+    other policies get no budget (the report still shows their memory). Only ``auto`` depends on
+    the data-parallel degree, so only its compile output is tied to ``--runtime_ngpus``.
     """
+    from dimshard.planner.budgets import MemoryBudget, default_gpu_budget
     from dimshard.planner.hardware import load_hw_profile
 
     # Gradient buffers depend on it (planner/gradient_buffers.py), whatever the policy.
@@ -136,13 +139,13 @@ def _policy_options(args: TrainArgs) -> tuple[dict, float | None]:
         options.update(dp_size=args.runtime_ngpus // args.plan_ngpus, zero=args.zero)
     if args.offload != "auto":  # forced on any policy; under auto the auto policy prices it
         options["offload"] = args.offload
-    if args.host_memory_budget_gb is not None:  # else compile_config's default: this machine's (or profile's) RAM
+    if args.host_memory_budget_gb is not None:  # else the planner's default: this machine's (or profile's) RAM
         options["host_memory_budget_gb"] = args.host_memory_budget_gb
-    budget = args.memory_budget_gb
-    memory_gb = load_hw_profile(args.hw_profile).memory_gb
-    if budget is None and args.policy == "auto" and memory_gb:
-        budget = round(memory_gb * (1 - MEMORY_MARGIN), 1)
-    return options, budget
+    if args.memory_budget_gb is not None:
+        return options, MemoryBudget(args.memory_budget_gb, "--memory_budget_gb")
+    if args.policy == "auto":
+        return options, default_gpu_budget(load_hw_profile(args.hw_profile or None))
+    return options, MemoryBudget(None, f"none: policy {args.policy} plans no memory (--memory_budget_gb not given)")
 
 
 def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
@@ -158,7 +161,8 @@ def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
     inputs = _compile_inputs(args, _sequence_length(args))
     options, budget = _policy_options(args)
     config = CompileConfig(
-        plan_ngpus=args.plan_ngpus, policy=args.policy, policy_options=options, memory_budget_gb=budget,
+        plan_ngpus=args.plan_ngpus, policy=args.policy, policy_options=options, memory_budget_gb=budget.gb,
+        memory_budget_source=budget.source,
         recompute="none" if args.recompute == "auto" and args.policy != "auto" else args.recompute,
         param_dtype=_param_dtype(args, for_gpu),
         fused_kernels=args.fused_kernels == "on" or (args.fused_kernels == "auto" and for_gpu),
@@ -192,15 +196,23 @@ def compile_is_current(args: TrainArgs, for_gpu: bool) -> tuple[bool, str]:
 
 
 def _init_weights(module: object, args: TrainArgs) -> None:
-    """Load weights from the model folder, or draw them (seeded per parameter) when it has none."""
+    """Load weights from the model folder, or draw them (seeded per parameter) when it has none.
+
+    A folder is read the way transformers' from_pretrained reads it: each parameter under the key
+    plan.json records for it (``checkpoint_name``: GPT-NeoX's ``lm_head`` is ``embed_out`` on
+    disk), and the persistent buffers it holds (Gemma 4's ``layer_scalar``) over the compile
+    output's values.
+    """
     from safetensors import SafetensorError
 
-    from dimshard.runtime.module import take_slice
-    from dimshard.runtime.weights import has_weights, slice_reader
+    from dimshard.runtime.module import read_plan, take_slice
+    from dimshard.runtime.weights import has_weights, plan_checkpoint_names, read_buffers, slice_reader
 
     if has_weights(args.model_id):
+        plan = read_plan(args.compile_dir)
         try:
-            module.load_full_state_dict(slice_reader(args.model_id))
+            module.load_full_state_dict(slice_reader(args.model_id, plan_checkpoint_names(plan)))
+            module.load_buffers(read_buffers(args.model_id, plan), strict=False)
         except (KeyError, ValueError, OSError, RuntimeError, SafetensorError) as error:
             raise UserInputError(_one_line(
                 f"cannot load the weights in --model_id {args.model_id} ({type(error).__name__}: {error}); they "
@@ -228,7 +240,9 @@ def run_stage(args: TrainArgs) -> None:
     """Under torchrun (or one plain process): compile if needed, load, train, checkpoint."""
     from dimshard.runtime.distributed import destroy_parallel
     from dimshard.runtime.failures import failure_watchdog
+    from dimshard.runtime.gpu_memory import enable_expandable_segments
 
+    enable_expandable_segments()  # before CUDA starts in this rank (planner/budgets.py measured with it)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != args.runtime_ngpus:
         raise UserInputError(f"--runtime_ngpus is {args.runtime_ngpus} but {world} processes were launched: "
@@ -264,8 +278,8 @@ def run_stage(args: TrainArgs) -> None:
 def _train_under_torchrun(args: TrainArgs, use_gpu: bool) -> None:
     """Every rank: compile (rank 0, when needed), load or initialise the weights, train."""
     from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.trainer import resume_source, train
+    from dimshard.runtime.gpu_memory import GpuOutOfMemory, out_of_memory_guard
+    from dimshard.runtime.module import read_plan
 
     if dist.get_rank() == 0:
         current, why = compile_is_current(args, use_gpu)
@@ -277,17 +291,28 @@ def _train_under_torchrun(args: TrainArgs, use_gpu: bool) -> None:
     dist.barrier()
     plan = read_plan(args.compile_dir)
     ctx = init_parallel(plan)
+    try:
+        with out_of_memory_guard(plan, ctx.device, ctx.rank):  # loading allocates too; steps say their number
+            result = _load_and_train(args, plan, ctx)
+    except GpuOutOfMemory as error:  # its one line says what to change, like a user error's
+        raise UserInputError(str(error)) from None
+    _log(f"done: steps {result.start_step}..{result.final_step}, skipped {result.skipped_steps}, "
+         f"checkpoint {result.last_checkpoint}")
+
+
+def _load_and_train(args: TrainArgs, plan: dict, ctx: ParallelContext) -> TrainResult:
+    """Load this rank's module, initialise or resume it, train; returns the trainer's TrainResult."""
+    from dimshard.planner.hf import load_config
+    from dimshard.runtime.module import load_parallel_module
+    from dimshard.runtime.trainer import resume_source, train
+
     module = load_parallel_module(args.compile_dir, ctx)
     config = TrainConfig(**{k: v for k, v in asdict(args).items() if k in TrainConfig.__dataclass_fields__})
     if resume_source(config) is None:  # a fresh start, also for --resume_path auto without a checkpoint
         _init_weights(module, args)
     dataset = _data_spec(args) or _open_dataset(args.dataset_path, plan["model_stats"]["seq_len"])
-    from dimshard.planner.hf import load_config
-
     model_config = load_config(args.model_id).to_dict()
-    result = train(config, module, ctx, dataset, plan, model_config=model_config)
-    _log(f"done: steps {result.start_step}..{result.final_step}, skipped {result.skipped_steps}, "
-         f"checkpoint {result.last_checkpoint}")
+    return train(config, module, ctx, dataset, plan, model_config=model_config)
 
 
 def main(argv: list[str] | None = None) -> int:
