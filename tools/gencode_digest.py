@@ -4,8 +4,9 @@
     python tools/gencode_digest.py --check before.json             # compare; exit 1 on any change
 
 Compiles the demo's mini Llama (2-rank ``tp``, as ``examples/llama3_128k/demo.py`` does) and the
-Llama-3-8B config at 131072 tokens on 8 GPUs under every built-in policy and ``auto``, plus the
-one-GPU offload plan, and records the SHA-256 of every generated file (``gencode/rank*.py``,
+Llama-3-8B config under every built-in policy (``dp`` on one GPU at 8K tokens, ``tp`` and
+``tp_sp`` on 8 GPUs at 128K, ``tp_batch`` on 8 GPUs with 4 x 32K) and ``auto`` (8 GPUs at 128K,
+and the one-GPU offload plan at 128K), and records the SHA-256 of every generated file (``gencode/rank*.py``,
 ``plan.json``, ``plan_report.md``) or the error a case raises. Budgets and hardware profiles are
 given explicitly so the digest does not depend on the machine it runs on. Takes a few minutes on
 two cores (the 8B auto searches dominate).
@@ -41,21 +42,26 @@ class DigestArgs:
 
 
 def _cases() -> list[tuple[str, dict, int, dict]]:
-    """(name, config overrides, sequence length, CompileConfig keywords) for every reference compile."""
-    cases = [("demo_tp2", MINI, 256, dict(plan_ngpus=2, policy="tp", loss_chunk_size=128))]
+    """(name, config overrides, batch x sequence, CompileConfig keywords) for every reference compile."""
+    cases = [("demo_tp2", MINI, (1, 256), dict(plan_ngpus=2, policy="tp", loss_chunk_size=128))]
     gpu = dict(param_dtype=torch.bfloat16, fused_kernels=True, hw_profile="h100", memory_budget_gb=80.0)
-    for policy in ("dp", "tp", "tp_sp", "tp_batch"):
-        cases.append((f"8b_128k_8gpu_{policy}", {}, 131072, dict(plan_ngpus=8, policy=policy, recompute="layer", **gpu)))
-    cases.append(("8b_128k_8gpu_auto", {}, 131072,
+    cases.append(("8b_8k_1gpu_dp", {}, (1, 8192), dict(plan_ngpus=1, policy="dp", recompute="layer", **gpu)))
+    for policy in ("tp", "tp_sp"):
+        cases.append((f"8b_128k_8gpu_{policy}", {}, (1, 131072), dict(plan_ngpus=8, policy=policy, recompute="layer",
+                                                                       **gpu)))
+    # tp_batch splits the batch over one mesh axis: four sequences for its 4 x 2 mesh.
+    cases.append(("8b_32k_8gpu_tp_batch", {}, (4, 32768), dict(plan_ngpus=8, policy="tp_batch", recompute="layer",
+                                                                **gpu)))
+    cases.append(("8b_128k_8gpu_auto", {}, (1, 131072),
                   dict(plan_ngpus=8, policy="auto", recompute="auto", policy_options={"host_memory_budget_gb": 1000},
                        **gpu)))
-    cases.append(("8b_128k_1gpu_auto_offload", {}, 131072,
-                  dict(plan_ngpus=1, policy="auto", recompute="auto", policy_options={"host_memory_budget_gb": 120},
-                       **{**gpu, "memory_budget_gb": 72.0})))
+    cases.append(("8b_128k_1gpu_auto_offload", {}, (1, 131072),
+                  dict(plan_ngpus=1, policy="auto", recompute="auto", policy_options={"host_memory_budget_gb": 130},
+                       **gpu)))
     return cases
 
 
-def _compile(work: Path, overrides: dict, seq: int, keywords: dict) -> dict[str, str]:
+def _compile(work: Path, overrides: dict, shape: tuple[int, int], keywords: dict) -> dict[str, str]:
     from dimshard.planner import CompileConfig, compile_model
     from dimshard.planner.hf import build_on_meta, load_config
 
@@ -64,7 +70,7 @@ def _compile(work: Path, overrides: dict, seq: int, keywords: dict) -> dict[str,
     config = json.loads(CONFIG_8B.read_text())
     (folder / "config.json").write_text(json.dumps({**config, **overrides}))
     model = build_on_meta(load_config(str(folder)))
-    ids = torch.zeros(1, seq, dtype=torch.long)
+    ids = torch.zeros(*shape, dtype=torch.long)
     inputs = {"input_ids": ids, "labels": ids.clone()}
     config = CompileConfig(loss="chunked_cross_entropy", **keywords).for_model(model, inputs)
     out = work / "out"
@@ -81,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_dataclass_args(DigestArgs, argv, description=__doc__.split("\n\n")[0])
     digest = {}
     cases = [c for c in _cases() if args.only in c[0]]
-    for name, overrides, seq, keywords in tqdm(cases, desc="compiling", unit="case"):
+    for name, overrides, shape, keywords in tqdm(cases, desc="compiling", unit="case"):
         # A fixed folder: the model folder's path is part of the config and so of plan.json's digests.
         work = Path(tempfile.gettempdir()) / "dimshard-gencode-digest" / name
         shutil.rmtree(work, ignore_errors=True)
         try:
-            digest[name] = _compile(work, overrides, seq, keywords)
+            digest[name] = _compile(work, overrides, shape, keywords)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if args.output:
