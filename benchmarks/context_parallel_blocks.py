@@ -18,17 +18,14 @@ over 989 TFLOP/s), tokens/s and peak memory.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from measurement import PEAK_TFLOPS, median_ms, synchronize, write_json_report
 
+from dimshard.cli import parse_dataclass_args
 from dimshard.kernels.sequence_split.blocks import (
     block_backward,
     block_forward,
@@ -38,7 +35,6 @@ from dimshard.kernels.sequence_split.blocks import (
 from dimshard.kernels.sequence_split.layout import as_blhe
 from dimshard.kernels.sequence_split.simulate import SimulatedSplit
 
-PEAK_TFLOPS = 989.0
 GIB = 2**30
 
 
@@ -60,42 +56,15 @@ class BlocksConfig:
     json_out: str = field(default="", metadata={"help": "write all results as JSON to this path"})
 
 
-def parse_args(argv: Sequence[str] | None = None) -> BlocksConfig:
-    """The config from the command line: one flag per BlocksConfig field, its help from the field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(BlocksConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
-    return BlocksConfig(**vars(parser.parse_args(argv)))
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of fn() in ms, the device synchronized around each run."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def peak_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
     """Peak memory allocated while fn() runs, above what was allocated before (CUDA only)."""
     if device.type != "cuda":
         return None
-    _synchronize(device)
+    synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     fn()
-    _synchronize(device)
+    synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / GIB
 
 
@@ -152,8 +121,8 @@ def run(cfg: BlocksConfig) -> list[Row]:
     rows = []
 
     mono = _monolithic(backend, q, k, v, dout, scale)
-    fwd = time_ms(mono.forward, device, cfg.warmup, cfg.repeats)
-    total = time_ms(mono, device, cfg.warmup, cfg.repeats)
+    fwd = median_ms(mono.forward, device, cfg.warmup, cfg.repeats)
+    total = median_ms(mono, device, cfg.warmup, cfg.repeats)
     rows.append(Row("monolithic causal", backend, 1, fwd, total, peak_gib(mono, device), 1.0))
     print(f"measured: {rows[-1]}", flush=True)
     reference = mono()
@@ -161,8 +130,8 @@ def run(cfg: BlocksConfig) -> list[Row]:
     for other in others:
         if fused_backend_works(other, device, dtype, cfg.head_dim):
             alt = _monolithic(other, q, k, v, dout, scale)
-            row = Row("monolithic causal", other, 1, time_ms(alt.forward, device, 1, 1), time_ms(alt, device, 0, 1),
-                      None, None, max_errors(alt(), reference))
+            row = Row("monolithic causal", other, 1, median_ms(alt.forward, device, 1, 1),
+                      median_ms(alt, device, 0, 1), None, None, max_errors(alt(), reference))
             row.ratio = row.total_ms / rows[0].total_ms
             rows.append(row)
             print(f"measured: {row}", flush=True)
@@ -178,8 +147,8 @@ def run(cfg: BlocksConfig) -> list[Row]:
                 return outputs, split.backward(method, outputs)
 
             try:
-                fwd = time_ms(forward, device, cfg.warmup, cfg.repeats)
-                total = time_ms(step, device, cfg.warmup, cfg.repeats)
+                fwd = median_ms(forward, device, cfg.warmup, cfg.repeats)
+                total = median_ms(step, device, cfg.warmup, cfg.repeats)
                 outputs, (dqs, dkvs) = step()
                 ours = (split.natural_order([o for o, _ in outputs]), *split.gradients(dqs, dkvs))
                 ours = tuple(x.to(dtype) for x in ours)  # what each rank hands back, in the input dtype
@@ -216,17 +185,15 @@ def print_table(cfg: BlocksConfig, rows: list[Row], device: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Parse flags, measure, print the table (and write JSON when asked)."""
-    from dimshard.runtime.gpu_memory import enable_expandable_segments
+    from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
     enable_expandable_segments()  # before CUDA starts, as every rank of a training run
-    cfg = parse_args(argv)
+    cfg = parse_dataclass_args(BlocksConfig, argv, description=__doc__.split("\n\n")[0])
     rows = run(cfg)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
     print_table(cfg, rows, device)
     if cfg.json_out:
-        with open(cfg.json_out, "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "device": device, "torch": torch.__version__,
-                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+        write_json_report(cfg.json_out, cfg, rows, device=device, torch=torch.__version__)
     return rows
 
 

@@ -61,7 +61,7 @@ def _demo_sources(folder: Path, max_chars: int) -> tuple[str, str]:
 
 def measure(spec, args: LoaderArgs, workers: int) -> dict:
     """Tokens/s of one loader with ``workers`` tokenizer processes, after warmup."""
-    from dimshard.runtime.data_loader import PackedBatchLoader
+    from dimshard.runtime.data.packed_loader import PackedBatchLoader
 
     loader = PackedBatchLoader(spec, sequence_length=args.sequence_length, micro_batch_size=args.micro_batch_size,
                                dp_size=1, copy_index=0, seed=0, workers=workers, prefetch=args.prefetch)
@@ -82,10 +82,10 @@ def measure(spec, args: LoaderArgs, workers: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Measure every worker count; print one JSON line each and return them."""
-    from dimshard.runtime.gpu_memory import enable_expandable_segments
+    from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
     enable_expandable_segments()  # before CUDA starts, as every rank of a training run
-    from dimshard.runtime.data_spec import parse_data_spec
+    from dimshard.runtime.data.spec import parse_data_spec
 
     args = parse_dataclass_args(LoaderArgs, argv, description=__doc__.split("\n\n")[0])
     with tempfile.TemporaryDirectory() as tmp:

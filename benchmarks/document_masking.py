@@ -18,14 +18,12 @@ the fraction of causal attention the documents keep, and peak memory.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 
 import torch
+from measurement import PEAK_TFLOPS, StepTimer, load_for_training, report
 
 from dimshard.cli import parse_dataclass_args
-
-PEAK_TFLOPS = 989.0
 
 
 @dataclass
@@ -70,8 +68,8 @@ def document_lengths(args: MaskingArgs) -> list[int]:
 
 
 def packed_inputs(args: MaskingArgs, lengths: list[int], masking: bool) -> dict[str, torch.Tensor]:
-    """One packed row as the data loader gives it (runtime/data_loader.py)."""
-    from dimshard.runtime.data_stream import labels_for
+    """One packed row as the data loader gives it (runtime/data/packed_loader.py)."""
+    from dimshard.runtime.data.packed_stream import labels_for
 
     generator = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(0, args.vocab_size, (1, args.seq_len), generator=generator)
@@ -89,11 +87,7 @@ def run_mode(args: MaskingArgs, lengths: list[int], masking: bool) -> dict:
 
     from dimshard.kernels.hf_attention import register
     from dimshard.planner import CompileConfig, compile_model
-    from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
-    from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
-    from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
+    from dimshard.runtime.training.metrics import flops_per_sequence, peak_memory_gb
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -110,33 +104,20 @@ def run_mode(args: MaskingArgs, lengths: list[int], masking: bool) -> dict:
                            fused_kernels=args.fused_kernels, loss="chunked_cross_entropy",
                            loss_chunk_size=args.loss_chunk_size, hw_profile=None if cuda else "cpu")
     compile_model(model, {k: torch.zeros_like(v) for k, v in inputs.items()}, out_dir, config)
-    plan = read_plan(out_dir)
-    ctx = init_parallel(plan, backend=None if cuda else "gloo")
-    module = load_parallel_module(out_dir, ctx)
-    with torch.no_grad():
-        for lp in module.local_parameters():
-            lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
-    params = module.local_parameters()
-    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype,
-                          offload=offloads_optimizer(plan))
-    reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
+    loaded = load_for_training(out_dir, param_dtype=dtype, backend=None if cuda else "gloo")
+    plan, ctx, module = loaded.plan, loaded.ctx, loaded.module
+    optimizer, reducer = loaded.optimizer, loaded.reducer
     batch = {k: v.to(ctx.device) for k, v in inputs.items()}
-    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        synchronize()
-        start = time.perf_counter()
+    timer = StepTimer(ctx.device, warmup=args.warmup, steps=args.steps)
+    for _ in timer:
         loss = module(**batch)
         loss.backward()
         optimizer.step(reducer.finish(), 1e-5, 1.0)
         reducer.zero_grad()
-        synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
     reducer.close()
-    step_s = sum(times) / len(times)
+    step_s = timer.mean_s
     kept = sum(n * (n + 1) / 2 for n in lengths) / (args.seq_len * (args.seq_len + 1) / 2) if masking else 1.0
     return {
         "mode": "document_masking" if masking else "causal", "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -149,7 +130,7 @@ def run_mode(args: MaskingArgs, lengths: list[int], masking: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run both modes in one process (one device); print and return their records."""
-    from dimshard.runtime.gpu_memory import enable_expandable_segments
+    from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
     enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     import torch.distributed as dist
@@ -166,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records = []
     for masking in (False, True):
         records.append(run_mode(args, lengths, masking))
-        print(json.dumps(records[-1]), flush=True)
+        report(records[-1])
         if args.device == "cuda":
             torch.cuda.empty_cache()
     dist.destroy_process_group()

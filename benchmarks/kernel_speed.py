@@ -14,8 +14,6 @@ gradients where the eager op fits in memory. Prints a table; ``--json_out`` writ
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -28,6 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from measurement import write_json_report
+
+from dimshard.cli import parse_dataclass_args
 
 ALL_KERNELS = ("floors", "chunk_ce", "attention", "rms_norm", "swiglu", "rotary")
 GIB = 2**30
@@ -60,14 +61,6 @@ class BenchmarkConfig:
     warmup: int = field(default=2, metadata={"help": "untimed runs before timing"})
     repeats: int = field(default=5, metadata={"help": "timed runs; the median is reported"})
     json_out: str = field(default="", metadata={"help": "write all results as JSON to this path"})
-
-
-def parse_args(argv: Sequence[str] | None = None) -> BenchmarkConfig:
-    """The config from the command line: one flag per BenchmarkConfig field, its help from the field."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(BenchmarkConfig):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
-    return BenchmarkConfig(**vars(parser.parse_args(argv)))
 
 
 @dataclass
@@ -424,10 +417,10 @@ def environment() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected benchmarks; exit code 2 without CUDA or for unknown kernel names."""
-    from dimshard.runtime.gpu_memory import enable_expandable_segments
+    from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
     enable_expandable_segments()  # before CUDA starts, as every rank of a training run
-    cfg = parse_args(argv)
+    cfg = parse_dataclass_args(BenchmarkConfig, argv, description=__doc__.split("\n\n")[0])
     if not torch.cuda.is_available():
         print("benchmarks/kernel_speed.py needs a CUDA GPU: it times GPU kernels against the GPU's own matmul and "
               "copy rates. Run it on a GPU machine; the CPU paths are covered by the tests "
@@ -453,9 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += bench_memory_bound(cfg, copy_bw, kernel)
     print_table(rows)
     if cfg.json_out:
-        with open(cfg.json_out, "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "environment": env,
-                       "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
+        write_json_report(cfg.json_out, cfg, rows, environment=env)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Measure the memory margins of the default budgets (planner/budgets.py) on this machine; print them as profile fields.
+"""Measure the memory margins of the default budgets (planner/cost/budgets.py) on this machine; print them as profile fields.
 
     python benchmarks/memory_margin.py                                   # one GPU
     torchrun --nproc_per_node 8 benchmarks/memory_margin.py --plan_ngpus 8 --policy tp   # NCCL of 8 ranks
@@ -20,7 +20,7 @@ process, with expandable segments (as every rank runs), and after the steps:
   side, the compile) plus the data loader's; null when the plan offloads (its state is in that
   resident set too): measure it with a plan that does not (``--policy dp``).
 
-Prints one JSON object to paste into ``planner/hw_profiles/<gpu>.json`` (the four fields and
+Prints one JSON object to paste into ``planner/cost/hw_profiles/<gpu>.json`` (the four fields and
 ``memory_margin_source``), then the raw readings. GB are 10^9 bytes. The reserve over the estimate
 depends on the workload: measure the shapes you train (``--num_layers``, ``--seq_len``,
 ``--policy``, ``--recompute``, ``--memory_budget_gb``; the flags are train_mfu.py's) and keep the
@@ -84,8 +84,8 @@ def loader_rss(seq_len: int, workers: int, prefetch: int, sources: str, tokenize
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import data_loader
 
-    from dimshard.runtime.data_loader import PackedBatchLoader
-    from dimshard.runtime.data_spec import parse_data_spec
+    from dimshard.runtime.data.packed_loader import PackedBatchLoader
+    from dimshard.runtime.data.spec import parse_data_spec
 
     with tempfile.TemporaryDirectory() as tmp:
         if not sources:

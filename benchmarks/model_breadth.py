@@ -15,7 +15,6 @@ utilisation). A family that fails prints an error record and the next one runs.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
@@ -25,10 +24,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from measurement import PEAK_TFLOPS, StepTimer, load_for_training, report
 
 from dimshard.cli import parse_dataclass_args
 
-PEAK_TFLOPS = 989.0
 # 8B-class shapes of each family (Gemma 2 as its 9B): hidden, intermediate, heads, kv heads, head dim, vocab.
 SHAPES = {
     "qwen2": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
@@ -93,12 +92,8 @@ def family_config(model_type: str, args: BreadthArgs) -> Any:
 def run_family(model_type: str, args: BreadthArgs) -> dict:
     """Compile and time one family; the record of ``benchmarks/RESULTS.md``'s columns."""
     from dimshard.planner import CompileConfig, compile_model
-    from dimshard.planner.hf import build_on_meta
-    from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
-    from dimshard.runtime.metrics import flops_per_sequence, peak_memory_gb
-    from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
+    from dimshard.planner.graph.hf import build_on_meta
+    from dimshard.runtime.training.metrics import flops_per_sequence, peak_memory_gb
 
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -111,34 +106,21 @@ def run_family(model_type: str, args: BreadthArgs) -> dict:
                                    loss="chunked_cross_entropy", hw_profile=None if cuda else "cpu")
     compile_model(model, {"input_ids": ids, "labels": ids.clone()}, out, compile_config)
     compile_s = time.perf_counter() - start
-    plan = read_plan(out)
-    ctx = init_parallel(plan, backend=None if cuda else "gloo")
-    module = load_parallel_module(out, ctx)
-    with torch.no_grad():
-        for lp in module.local_parameters():
-            lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
-    params = module.local_parameters()
-    optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype,
-                          offload=offloads_optimizer(plan))
-    reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
+    loaded = load_for_training(out, param_dtype=dtype, backend=None if cuda else "gloo")
+    plan, ctx, module = loaded.plan, loaded.ctx, loaded.module
+    optimizer, reducer = loaded.optimizer, loaded.reducer
     gen = torch.Generator(device=ctx.device).manual_seed(1234)
-    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        synchronize()
-        t0 = time.perf_counter()
+    timer = StepTimer(ctx.device, warmup=args.warmup, steps=args.steps)
+    for _ in timer:
         batch = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=gen, device=ctx.device)
         loss = module(batch, batch)
         loss.backward()
         optimizer.step(reducer.finish(), 1e-5, 1.0)
         reducer.zero_grad()
-        synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
     reducer.close()
-    step_s = sum(times) / len(times)
+    step_s = timer.mean_s
     flops = flops_per_sequence(plan["model_stats"], args.seq_len)
     record = {
         "family": model_type, "gpu": torch.cuda.get_device_name() if cuda else "cpu", "layers": args.num_layers,
@@ -148,7 +130,7 @@ def run_family(model_type: str, args: BreadthArgs) -> dict:
         "mfu": round(flops / step_s / (PEAK_TFLOPS * 1e12), 4), "peak_mem_gb": round(peak_memory_gb(ctx.device), 2),
         "compile_s": round(compile_s, 2), "loss": round(loss.item(), 4),
     }
-    del module, optimizer, params
+    del module, optimizer, loaded
     if cuda:
         torch.cuda.empty_cache()
     return record
@@ -156,7 +138,7 @@ def run_family(model_type: str, args: BreadthArgs) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run every family in turn; print one JSON line each (an ``error`` record for a failure)."""
-    from dimshard.runtime.gpu_memory import enable_expandable_segments
+    from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
     enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     args = parse_dataclass_args(BreadthArgs, argv, description=__doc__.split("\n\n")[0])
@@ -179,10 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except Exception as error:  # noqa: BLE001 — one family's failure must not stop the others
             record = {"family": family, "error": f"{type(error).__name__}: {' '.join(str(error).split())[:300]}",
                       "where": traceback.format_exc(limit=-2).strip().splitlines()[-3:]}
-        print(json.dumps(record), flush=True)
-        if args.json_out:
-            with Path(args.json_out).open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        report(record, args.json_out)
         records.append(record)
     dist.destroy_process_group()
     return records

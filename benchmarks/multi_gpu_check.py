@@ -11,7 +11,7 @@ AdamW with its parameter all-gather over the data-parallel copies, on sub-commun
 2-D (unit x copies) layout where the case has several copies. Rank 0 compares the loss, the
 reduced gradients and the updated parameters with the Hugging Face model run in one process on
 the same device in float32, and prints one line per case and a table last. Collectives are
-logged (``runtime/collective_order.py``) and every rank's order on shared communicators is
+logged (``runtime/reliability/collective_order.py``) and every rank's order on shared communicators is
 checked after each case. Exits non-zero when any case fails.
 
 Tolerances: float32 plans must match to 1e-4 (absolute, loss) and 1e-3 (relative L2 error of
@@ -138,11 +138,11 @@ def run_case(case: Case, dtype_name: str, args: argparse.Namespace, device: torc
     from transformers import LlamaForCausalLM
 
     from dimshard.planner.compile import CompileConfig, compile_model
-    from dimshard.runtime import collective_order
     from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
     from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
+    from dimshard.runtime.optimizer.grad_reducer import GradReducer, keeps_param_dtype
+    from dimshard.runtime.optimizer.zero_adamw import ZeroAdamW, offloads_optimizer
+    from dimshard.runtime.reliability import collective_order
 
     rank, world = dist.get_rank(), dist.get_world_size()
     copies = world if case.copies == 0 else case.copies
@@ -215,7 +215,7 @@ def run_case(case: Case, dtype_name: str, args: argparse.Namespace, device: torc
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen cases on every rank; rank 0 prints a table and returns 1 if any failed."""
-    from dimshard.runtime.gpu_memory import enable_expandable_segments
+    from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
     enable_expandable_segments()  # before CUDA starts, as every rank of a training run
     args = _args(argv)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, **({"device_id": device} if device.type == "cuda" else {}))
-    from dimshard.runtime import collective_order
+    from dimshard.runtime.reliability import collective_order
 
     collective_order.enable()
     rank = dist.get_rank()

@@ -13,25 +13,26 @@ peak GPU memory (allocated and reserved), host memory (the process's peak reside
 bytes the offloads hold) and where the offloaded AdamW update ran, next to the plan's own estimate
 (plan.json ``estimate``: the numbers its budget check used). Under ``--policy auto`` without
 ``--memory_budget_gb`` the GPU budget is train.py's default (this GPU's memory less the measured
-margin, planner/budgets.py), and without ``--host_memory_budget_gb`` the host budget too. Expandable
-segments are enabled first (runtime/gpu_memory.py); running out of GPU memory ends with one line.
+margin, planner/cost/budgets.py), and without ``--host_memory_budget_gb`` the host budget too. Expandable
+segments are enabled first (runtime/reliability/gpu_memory.py); running out of GPU memory ends with one line.
 Runs on CPU at tiny sizes (``--hidden_size 64 ...``), where host memory is on both sides of every copy.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+from measurement import PEAK_TFLOPS, StepTimer, load_for_training, report, synchronize
 
 from dimshard.cli import parse_dataclass_args
-from dimshard.runtime.gpu_memory import GpuOutOfMemory, enable_expandable_segments, out_of_memory_guard
-
-PEAK_TFLOPS = 989.0
+from dimshard.runtime.reliability.gpu_memory import (
+    GpuOutOfMemory,
+    enable_expandable_segments,
+    out_of_memory_guard,
+)
 
 
 @dataclass
@@ -71,8 +72,8 @@ def _compile(args: OffloadArgs, on_gpu: bool) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dimshard.planner import CompileConfig, compile_model
-    from dimshard.planner.budgets import MemoryBudget, default_gpu_budget
-    from dimshard.planner.hardware import load_hw_profile
+    from dimshard.planner.cost.budgets import MemoryBudget, default_gpu_budget
+    from dimshard.planner.cost.hardware import load_hw_profile
 
     config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                          num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
@@ -106,54 +107,38 @@ def main(argv: list[str] | None = None) -> dict:
     """Compile, train ``warmup + steps`` steps, print and return the result record."""
     enable_expandable_segments()  # before CUDA starts: the budgets' margins were measured with it
     args = parse_dataclass_args(OffloadArgs, argv, description=__doc__.split("\n\n")[0])
-    from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
-    from dimshard.runtime.metrics import flops_per_sequence, host_memory_gib, plan_estimate_record
-    from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
+    from dimshard.runtime.training.metrics import flops_per_sequence, host_memory_gib, plan_estimate_record
 
     on_gpu = torch.cuda.is_available()
     compile_s = _compile(args, on_gpu)
-    plan = read_plan(args.compile_dir)
-    ctx = init_parallel(plan)
+    # The same weights whatever is offloaded (seeded): equal losses are part of the check.
+    loaded = load_for_training(args.compile_dir, param_dtype=torch.bfloat16 if on_gpu else torch.float32,
+                               update_device=args.update_device, weight_seed=0)
+    plan, ctx, module = loaded.plan, loaded.ctx, loaded.module
+    optimizer, reducer = loaded.optimizer, loaded.reducer
     device = ctx.device
-    module = load_parallel_module(args.compile_dir, ctx)
-    torch.manual_seed(0)  # the same weights whatever is offloaded: equal losses are part of the check
-    with torch.no_grad():
-        for lp in module.local_parameters():
-            lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
-    params = module.local_parameters()
     offload = plan.get("offload") or {}
-    start = time.perf_counter()
-    with out_of_memory_guard(plan, device):
-        optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=torch.bfloat16 if on_gpu else torch.float32,
-                              offload=offloads_optimizer(plan), update_device=args.update_device)
-    optimizer_init_s = time.perf_counter() - start
-    reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, 1))
     gen = torch.Generator(device=device).manual_seed(1234)
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    times, optimizer_times, losses = [], [], []
-    for step in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
+    optimizer_times, losses = [], []
+    timer = StepTimer(device, warmup=args.warmup, steps=args.steps)
+    for step in timer:
         with out_of_memory_guard(plan, device, step=step + 1):
             ids = torch.randint(0, args.vocab_size, (1, args.seq_len), generator=gen, device=device)
             loss = module(ids, ids)
             loss.backward()
             grads = reducer.finish()
-            sync()
-            t1 = time.perf_counter()
+            synchronize(device)
+            optimizer_start = time.perf_counter()
             optimizer.step(grads, 1e-5, 1.0)
         reducer.zero_grad()
-        sync()
-        t2 = time.perf_counter()
-        losses.append(round(loss.item(), 4))
+        synchronize(device)
         if step >= args.warmup:
-            times.append(t2 - t0)
-            optimizer_times.append(t2 - t1)
-    step_s = sum(times) / len(times)
+            optimizer_times.append(time.perf_counter() - optimizer_start)
+        losses.append(loss.detach())
+    losses = [round(loss.item(), 4) for loss in losses]
+    step_s = timer.mean_s
     flops = flops_per_sequence(plan["model_stats"], args.seq_len)
     offloader = getattr(module, "activation_offload", None)
     state = optimizer.host_state
@@ -172,21 +157,18 @@ def main(argv: list[str] | None = None) -> dict:
         "host_peak_rss_gib": round(host_memory_gib()["peak"], 2),
         "host_optimizer_gib": round(state.host_bytes / 2**30, 2) if state is not None else 0.0,
         "host_activations_peak_gib": round(offloader.host_peak_bytes / 2**30, 2) if offloader is not None else 0.0,
-        "compile_s": round(compile_s, 1), "optimizer_init_s": round(optimizer_init_s, 1), "losses": losses,
+        "compile_s": round(compile_s, 1), "optimizer_init_s": round(loaded.optimizer_init_s, 1), "losses": losses,
         # The plan's own estimate, the one its budget check used (plan.json): GiB like the measurements.
         **plan_estimate_record(plan),
     }
     if on_gpu and record.get("est_peak_gib"):
-        # benchmarks/memory_margin.py's reading of the same name (planner/budgets.py).
+        # benchmarks/memory_margin.py's reading of the same name (planner/cost/budgets.py).
         record["reserved_over_estimate"] = round(record["gpu_reserved_gib"] / record["est_peak_gib"] - 1, 4)
-    print(json.dumps(record), flush=True)
+    report(record, args.json_out)
     print(f"| {args.num_layers} | {args.seq_len} | {args.offload} | {record['update_device']} | {record['step_s']} | "
           f"{record['optimizer_s']} | {record['tokens_per_s']} | {record['mfu']} | {record['gpu_peak_gib']} | "
           f"{record['host_peak_rss_gib']} | {record['host_optimizer_gib']} + {record['host_activations_peak_gib']} |",
           flush=True)
-    if args.json_out:
-        with Path(args.json_out).open("a") as f:
-            f.write(json.dumps(record) + "\n")
     reducer.close()
     import torch.distributed as dist
 

@@ -30,7 +30,7 @@ fi
 
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())' | tee -a "$OUT/suite.log"
 grep -E "MemTotal|MemAvailable" /proc/meminfo | tee -a "$OUT/suite.log"
-timeout 60 python3 -m dimshard.planner.offload_profile --iters 5 2>&1 | tee "$OUT/offload_rates.json"
+timeout 60 python3 -m dimshard.planner.cost.offload_profile --iters 5 2>&1 | tee "$OUT/offload_rates.json"
 run 100 l4_none --num_layers 4 --seq_len 131072 --offload none --recompute layer --warmup 1 --steps 2
 run 110 l4_all --num_layers 4 --seq_len 131072 --offload all --recompute layer --warmup 1 --steps 2
 run "${L32_LIMIT:-300}" l32_optimizer --num_layers 32 --seq_len 131072 --offload optimizer --recompute layer \

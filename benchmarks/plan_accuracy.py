@@ -15,7 +15,6 @@ parameters, activations and transients, as this loop has no optimizer and no gra
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,9 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from measurement import StepTimer, append_json_line
 
 from dimshard.cli import parse_dataclass_args
-from dimshard.runtime.gpu_memory import enable_expandable_segments
+from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
 
 @dataclass
@@ -134,21 +134,14 @@ def measure(args: AccuracyArgs, out: Path, seq_len: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    timer = StepTimer(ctx.device, warmup=args.warmup, steps=args.steps)
+    for _ in timer:
+        for lp in module.local_parameters():
+            lp.param.grad = None  # the previous pass's
         loss = module(ids, ids)
         loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        for lp in module.local_parameters():
-            lp.param.grad = None
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")
-    stats = torch.tensor([sum(times) / len(times), peak], device=ctx.device, dtype=torch.float64)
+    stats = torch.tensor([timer.mean_s, peak], device=ctx.device, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     del module
@@ -193,10 +186,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"meas {record['measured_s'] * 1e3:9.1f} ms (x{record['time_ratio']:.2f}); peak est "
                   f"{record['estimated_peak_gb']:7.2f} GB meas {record['measured_peak_gb']:7.2f} GB "
                   f"(x{record['memory_ratio']:.2f})", flush=True)
-            if args.json_out:
-                with Path(args.json_out).open("a") as f:
-                    f.write(json.dumps({**record, "device": torch.cuda.get_device_name() if args.device == "cuda"
-                                        else "cpu"}) + "\n")
+            append_json_line(args.json_out, {**record, "device": torch.cuda.get_device_name()
+                                             if args.device == "cuda" else "cpu"})
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -12,10 +12,10 @@ and times full training steps (forward, backward, gradient reduction, ZeRO AdamW
 tokens with the runtime the trainer uses, running exactly the compiled plan: its recompute, its
 activation offload (generated code) and its optimizer offload (plan.json ``offload``). Under
 ``--policy auto`` without ``--memory_budget_gb`` the budget is train.py's default: this GPU's
-memory less the profile's measured margin (planner/budgets.py). The record puts the plan's own
+memory less the profile's measured margin (planner/cost/budgets.py). The record puts the plan's own
 estimate (plan.json ``estimate``: what the budget check used) next to the measurement: step
 seconds, peak GPU memory allocated and reserved (GiB), host resident set. Every rank enables
-expandable segments first (runtime/gpu_memory.py); running out of GPU memory stops every rank
+expandable segments first (runtime/reliability/gpu_memory.py); running out of GPU memory stops every rank
 with one line. MFU follows docs/design.md ("Measuring: MFU"): 6*(N*S + 2*L*H*S^2) FLOPs per
 sequence over 989 TFLOP/s per GPU.
 """
@@ -23,22 +23,23 @@ sequence over 989 TFLOP/s per GPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from measurement import PEAK_TFLOPS, StepTimer, load_for_training, report
 
 from dimshard.cli import parse_dataclass_args
-from dimshard.runtime.failures import exit_after_failure, failure_watchdog
-from dimshard.runtime.gpu_memory import GpuOutOfMemory, enable_expandable_segments, out_of_memory_guard
-
-PEAK_TFLOPS = 989.0
+from dimshard.runtime.reliability.failures import exit_after_failure, failure_watchdog
+from dimshard.runtime.reliability.gpu_memory import (
+    GpuOutOfMemory,
+    enable_expandable_segments,
+    out_of_memory_guard,
+)
 
 
 @dataclass
@@ -79,8 +80,8 @@ class MfuArgs:
 
 def _budget(args: MfuArgs, cuda: bool):
     """The GPU budget to compile under: the flag, or for auto train.py's default (this GPU's, less the margin)."""
-    from dimshard.planner.budgets import MemoryBudget, default_gpu_budget
-    from dimshard.planner.hardware import load_hw_profile
+    from dimshard.planner.cost.budgets import MemoryBudget, default_gpu_budget
+    from dimshard.planner.cost.hardware import load_hw_profile
 
     if args.memory_budget_gb is not None:
         return MemoryBudget(args.memory_budget_gb, "--memory_budget_gb")
@@ -135,19 +136,14 @@ def _measure(args: MfuArgs, cuda: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dimshard.planner import CompileConfig, compile_model
-    from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.grad_reducer import GradReducer, keeps_param_dtype
-    from dimshard.runtime.metrics import (
+    from dimshard.runtime.training.metrics import (
         flops_per_sequence,
         host_memory_gib,
         peak_memory_gb,
         plan_estimate_record,
     )
-    from dimshard.runtime.module import load_parallel_module, read_plan
-    from dimshard.runtime.optimizer import ZeroAdamW, offloads_optimizer
 
     dtype = torch.bfloat16 if cuda else torch.float32
-    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     rank = dist.get_rank()
     model_config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                          num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
@@ -172,23 +168,16 @@ def _measure(args: MfuArgs, cuda: bool) -> dict:
         compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
         compile_seconds = time.perf_counter() - start
     dist.barrier()
-    plan = read_plan(args.compile_dir)
-    ctx = init_parallel(plan, backend=None if cuda or args.fake_world_size else "gloo")
-    module = load_parallel_module(args.compile_dir, ctx)
-    with torch.no_grad():
-        for lp in module.local_parameters():
-            lp.param.normal_(0.0, 0.02) if len(lp.full_shape) > 1 else lp.param.fill_(1.0)
-    params = module.local_parameters()
-    with out_of_memory_guard(plan, ctx.device, rank):
-        optimizer = ZeroAdamW(params, ctx, weight_decay=0.1, param_dtype=dtype, offload=offloads_optimizer(plan))
-    reducer = GradReducer(params, ctx, keep_param_dtype=keeps_param_dtype(plan, args.grad_accumulation_steps))
+    loaded = load_for_training(args.compile_dir, param_dtype=dtype,
+                               backend=None if cuda or args.fake_world_size else "gloo",
+                               accumulation=args.grad_accumulation_steps)
+    plan, ctx, module = loaded.plan, loaded.ctx, loaded.module
+    optimizer, reducer = loaded.optimizer, loaded.reducer
     gen = torch.Generator(device=ctx.device).manual_seed(1234 + ctx.copy_index)
-    times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        synchronize()
-        t0 = time.perf_counter()
+    timer = StepTimer(ctx.device, warmup=args.warmup, steps=args.steps)
+    for step in timer:
         with out_of_memory_guard(plan, ctx.device, rank, step + 1):
             for micro in range(args.grad_accumulation_steps):
                 ids = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_len), generator=gen,
@@ -199,10 +188,7 @@ def _measure(args: MfuArgs, cuda: bool) -> dict:
                     (loss / args.grad_accumulation_steps).backward()
             optimizer.step(reducer.finish(), 1e-5, 1.0)
         reducer.zero_grad()
-        synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
+    step_s = timer.mean_s
     sequences = args.micro_batch_size * args.grad_accumulation_steps * ctx.dp_size
     flops = flops_per_sequence(plan["model_stats"], args.seq_len) * sequences
     readings = [peak_memory_gb(ctx.device), *_gpu_outside_allocator(ctx.device), host_memory_gib()["peak"],
@@ -221,7 +207,7 @@ def _measure(args: MfuArgs, cuda: bool) -> dict:
         "step_s": round(step_s, 4), "tokens_per_s": round(sequences * args.seq_len / step_s, 1),
         "mfu": round(flops / step_s / (ctx.world_size * PEAK_TFLOPS * 1e12), 4),
         "peak_mem_gb": round(peak, 2), "peak_reserved_gib": round(reserved, 2),
-        # What benchmarks/memory_margin.py turns into the profile's margins (planner/budgets.py).
+        # What benchmarks/memory_margin.py turns into the profile's margins (planner/cost/budgets.py).
         "gpu_outside_allocator_gib": round(outside, 3), "reserved_over_allocated": round(overhead, 4),
         "host_peak_rss_gib": round(host_peak, 2), "host_rss_gib": round(host_rss, 2),
         "compile_s": compile_seconds, "loss": round(loss.item(), 4),
@@ -235,10 +221,7 @@ def _measure(args: MfuArgs, cuda: bool) -> dict:
         record["peak_over_estimate"] = round(peak / record["est_peak_gib"], 3)
         record["reserved_over_estimate"] = round(reserved / record["est_peak_gib"] - 1, 4)
     if rank == 0:
-        print(json.dumps(record), flush=True)
-        if args.json_out:
-            with Path(args.json_out).open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        report(record, args.json_out)
     dist.barrier()
     reducer.close()
     dist.destroy_process_group()

@@ -1,5 +1,5 @@
 """The zigzag reorders at the path generated code imports them from (``REORDER_MODULE`` in
-``planner/sequence_split.py``); ``from_zigzag``, ``to_zigzag`` and ``zigzag_slice`` live in
+``planner/codegen/sequence_split_code.py``); ``from_zigzag``, ``to_zigzag`` and ``zigzag_slice`` live in
 ``sequence_split/reorder.py``."""
 
 from __future__ import annotations

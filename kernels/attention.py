@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dimshard.planner.registry import OpCall, register_op
+from dimshard.planner.ops.registry import OpCall, register_op
 
 _PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # ``set_priority`` appeared in PyTorch 2.6; without it, cuDNN can only be preferred by enabling it alone.

@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dimshard.planner.registry import OpCall, register_op
+from dimshard.planner.ops.registry import OpCall, register_op
 
 from .chunk_loss.tile_math import (
     _add_bias_grad_,

@@ -2,7 +2,7 @@
 
 Importing this module registers ``dimshard_attention_forward`` with transformers'
 ``AttentionInterface`` and ``dimshard_attention_mask`` with its ``AttentionMaskInterface`` under
-the name ``"dimshard"``. A model built with that implementation (``planner.hf.build_on_meta``
+the name ``"dimshard"``. A model built with that implementation (``planner.graph.hf.build_on_meta``
 does) calls ``dimshard.kernels.attention.attention`` in every attention layer, one traced op,
 with the layer's scale, causality, sliding window and logit soft-cap as the model passes them,
 and the batch's ``document_ids`` when the caller passes them to the model as a keyword. The mask

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dimshard.planner.registry import register_op
+from dimshard.planner.ops.registry import register_op
 
 from .triton_kernels.common import use_triton
 

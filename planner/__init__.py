@@ -14,17 +14,18 @@ if "." not in __name__:  # imported by its bare name from the repository root: s
 
     step_aside(__name__, __path__[0])
 else:
-    from . import op_rules as _op_rules  # noqa: F401  (registers the built-in rules)
-    from . import search as _search  # noqa: F401  (registers the auto policy)
-    from .annotations import Annotation, AnnotationError, parse_annotation
-    from .codegen import CodegenError
+    from .codegen.rank_code import CodegenError
     from .compile import CompileResult, compile_model
     from .compile_config import CompileConfig, compile_status
-    from .graph import Graph
-    from .plan import Mesh, Partial, Plan, PlanError, Replicate, Shard, resolve_placements
-    from .policies import PolicyContext, get_policy, recompute_scopes, register_policy
-    from .registry import register_op, set_rule
-    from .trace import TraceError, trace
+    from .graph.ir import Graph
+    from .graph.trace import TraceError, trace
+    from .ops import rules as _rules  # noqa: F401  (registers the built-in rules)
+    from .ops.annotations import Annotation, AnnotationError, parse_annotation
+    from .ops.registry import register_op, set_rule
+    from .plan.placements import Mesh, Partial, Plan, PlanError, Replicate, Shard
+    from .plan.resolve import resolve_placements
+    from .search import auto as _auto  # noqa: F401  (registers the auto policy)
+    from .search.policies import PolicyContext, get_policy, recompute_scopes, register_policy
 
     __all__ = [
         "Annotation", "AnnotationError", "CodegenError", "CompileConfig", "CompileResult", "Graph", "Mesh", "Partial",

@@ -13,18 +13,21 @@ from typing import Any
 
 import torch
 
-from .codegen import generate_rank_code, shard_holders, shard_slices
+from .codegen.rank_code import generate_rank_code, shard_holders, shard_slices
+from .codegen.report import write_plan_report
 from .compile_config import CHUNKED_LOSS, FORMAT_VERSION, MODEL_LOSS, CompileConfig
-from .fusion import fused_kernels as fused_kernels_in
-from .gradient_buffers import grad_accumulation_steps, plan_entry
-from .graph import Graph
-from .hardware import load_hw_profile
-from .offload_plan import apply_offload_request, offload_manifest
-from .plan import Plan, ResolvedPlan, resolve_placements
-from .plan_estimate import compiled_estimate, estimate_entry, gpu_budget_of
-from .policies import PolicyContext, decoder_layer_scopes, get_policy
-from .report import write_plan_report
-from .trace import trace
+from .cost.hardware import load_hw_profile
+from .cost.plan_estimate import compiled_estimate, estimate_entry, gpu_budget_of
+from .cost.topology import node_manifest
+from .graph.fusion import fused_kernels as fused_kernels_in
+from .graph.ir import Graph
+from .graph.layers import decoder_layer_scopes
+from .graph.trace import trace
+from .plan.gradient_buffers import grad_accumulation_steps, plan_entry
+from .plan.offload_plan import apply_offload_request, offload_manifest
+from .plan.placements import Plan, ResolvedPlan
+from .plan.resolve import resolve_placements
+from .search.policies import PolicyContext, get_policy
 
 
 @dataclass
@@ -71,11 +74,11 @@ def _buffer_values(model: torch.nn.Module, graph: Graph) -> dict[str, torch.Tens
 
 
 def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, compile_config: CompileConfig,
-               example_inputs: Mapping[str, torch.Tensor], estimate: dict) -> dict:
-    from .hf import checkpoint_names
+               example_inputs: Mapping[str, torch.Tensor], estimate: dict, nodes: dict) -> dict:
+    from .graph.hf import checkpoint_names
 
     mesh = resolved.plan.mesh
-    # Where save_pretrained puts each weight: the runtime reads a model folder by it (runtime/weights.py).
+    # Where save_pretrained puts each weight: the runtime reads a model folder by it (runtime/checkpointing/pretrained_weights.py).
     on_disk = checkpoint_names(model)
     params = []
     for name, tid in graph.parameters.items():
@@ -101,6 +104,7 @@ def _plan_json(graph: Graph, resolved: ResolvedPlan, model: torch.nn.Module, com
         "mesh": {"axis_names": list(mesh.axis_names), "shape": list(mesh.shape)},
         "unit_rank_coords": [list(mesh.coords(r)) for r in range(mesh.size)],
         "axis_groups": {name: mesh.groups(a) for a, name in enumerate(mesh.axis_names)},
+        "nodes": nodes,
         "policy": resolved.plan.name,
         "recompute_scopes": list(resolved.plan.recompute_scopes),
         "offload": offload_manifest(resolved.plan),
@@ -130,7 +134,7 @@ def _forward_fn(config: CompileConfig, forward_fn: Callable[..., Any] | None) ->
         if forward_fn is not None:
             raise ValueError(f"loss='{CHUNKED_LOSS}' builds its own forward; pass no forward_fn, or name yours "
                              "with another loss value")
-        from .hf import chunked_causal_lm_forward
+        from .graph.hf import chunked_causal_lm_forward
 
         return chunked_causal_lm_forward(config.loss_chunk_size)
     if config.loss == MODEL_LOSS and forward_fn is not None:
@@ -147,11 +151,11 @@ def compile_model(model: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     """Trace ``model`` on ``example_inputs`` (real token-id tensors), plan it under ``config``, write the output.
 
     ``output_dir`` receives ``plan.json`` (with ``config``'s fingerprint and the plan's estimate,
-    ``planner/plan_estimate.py``), ``gencode/rank{r}.py`` for r < plan_ngpus,
-    ``buffers.safetensors`` and ``plan_report.md`` (``planner/report.py``, the same estimate);
+    ``planner/cost/plan_estimate.py``), ``gencode/rank{r}.py`` for r < plan_ngpus,
+    ``buffers.safetensors`` and ``plan_report.md`` (``planner/codegen/report.py``, the same estimate);
     an existing ``gencode`` folder is replaced. The graph is traced with parameters in
     ``config.param_dtype`` (the dtype the runtime keeps them in) and, with ``fused_kernels``,
-    RMSNorm, SwiGLU and rotary as dimshard's fused kernels (``planner/fusion.py``).
+    RMSNorm, SwiGLU and rotary as dimshard's fused kernels (``planner/graph/fusion.py``).
     ``forward_fn(model, **inputs)`` replaces ``model(**inputs)`` (see ``trace``); it must be named
     by ``config.loss``. The returned plan carries its provenance (``Plan.name``, ``Plan.search``).
     Raises PlanError, TraceError or CodegenError saying what to change.
@@ -190,7 +194,8 @@ def compile_model(model: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     est = compiled_estimate(graph, resolved, hw, ctx.extra)
     gpu_budget = gpu_budget_of(config.memory_budget_gb, config.memory_budget_source)
     write_plan_report(graph, resolved, ctx, output_dir / "plan_report.md", est, gpu_budget)
-    manifest = _plan_json(graph, resolved, model, config, example_inputs, estimate_entry(est, hw, gpu_budget, ctx.extra))
+    manifest = _plan_json(graph, resolved, model, config, example_inputs, estimate_entry(est, hw, gpu_budget, ctx.extra),
+                          node_manifest(plan.mesh, hw))
     # plan.json last: its presence marks a complete compile output.
     tmp = output_dir / "plan.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))

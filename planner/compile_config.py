@@ -30,7 +30,7 @@ FORMAT_VERSION = 2  # 2: plan.json names where each weight sits in a Hugging Fac
 
 # ``loss`` values compile_model knows how to build; any other value names a caller's forward_fn.
 MODEL_LOSS = "model"  # model(**inputs): the Hugging Face model's own loss
-CHUNKED_LOSS = "chunked_cross_entropy"  # planner.hf.chunked_causal_lm_forward(loss_chunk_size)
+CHUNKED_LOSS = "chunked_cross_entropy"  # planner.graph.hf.chunked_causal_lm_forward(loss_chunk_size)
 
 # describe() keys too long to print when they change: what to say instead.
 _SUMMARIZED = {"model_digest": "the model (config or parameter shapes)",
@@ -102,7 +102,7 @@ def model_digest(model: torch.nn.Module) -> str:
 class CompileConfig:
     """Everything that determines a compile output besides the model itself; see the module docstring.
 
-    ``policy`` is a registered policy's name (``planner.policies.register_policy``);
+    ``policy`` is a registered policy's name (``planner.search.policies.register_policy``);
     ``policy_options`` go to it as ``PolicyContext.extra`` (for ``auto``: ``dp_size``, ``zero``,
     ``mesh_shapes``; for every policy: ``grad_accumulation_steps``, which sets plan.json's
     ``gradients`` entry). ``hw_profile`` names the cost model's hardware profile (a shipped name or a
@@ -182,12 +182,12 @@ class CompileConfig:
         d = {f.name: canonical(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
         d["format_version"] = FORMAT_VERSION
         if hardware:
-            from .hardware import load_hw_profile
+            from .cost.hardware import load_hw_profile
 
             hw = load_hw_profile(self.hw_profile)
             d["hw_profile_contents"] = canonical(hw.to_dict(), "hardware profile")
             if self.policy == "auto" and "host_memory_budget_gb" not in self.policy_options:
-                from .budgets import default_host_budget
+                from .cost.budgets import default_host_budget
 
                 # Without the option, auto's offload budget comes from this machine's RAM and GPUs.
                 d["host_memory_budget_gb_default"] = default_host_budget(hw).gb

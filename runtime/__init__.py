@@ -30,15 +30,16 @@ else:
     _EXPORTS = {
         "ParallelContext": "distributed", "init_parallel": "distributed", "destroy_parallel": "distributed",
         "ParallelModule": "module", "LocalParameter": "module", "load_parallel_module": "module", "read_plan": "module",
-        "has_weights": "weights", "slice_reader": "weights",
-        "GradReducer": "grad_reducer", "ZeroAdamW": "optimizer", "lr_at": "lr_schedule",
-        "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "find_latest_checkpoint": "checkpoint",
-        "load_merged_checkpoint": "checkpoint", "merge_checkpoint": "checkpoint", "capture_rng_state": "checkpoint",
-        "restore_rng_state": "checkpoint", "CheckpointError": "checkpoint",
-        "load_token_dataset": "data", "MicroBatchStream": "data",
-        "MetricsLogger": "metrics", "flops_per_sequence": "metrics", "model_flops_utilization": "metrics",
-        "peak_memory_gb": "metrics",
-        "TrainConfig": "train_config", "train": "trainer", "TrainResult": "trainer",
+        "has_weights": "checkpointing.pretrained_weights", "slice_reader": "checkpointing.pretrained_weights",
+        "GradReducer": "optimizer.grad_reducer", "ZeroAdamW": "optimizer.zero_adamw", "lr_at": "optimizer.lr_schedule",
+        "save_checkpoint": "checkpointing.sharded", "load_checkpoint": "checkpointing.sharded",
+        "find_latest_checkpoint": "checkpointing.commit", "load_merged_checkpoint": "checkpointing.merged",
+        "merge_checkpoint": "checkpointing.merged", "capture_rng_state": "checkpointing.rng_state",
+        "restore_rng_state": "checkpointing.rng_state", "CheckpointError": "checkpointing.commit",
+        "load_token_dataset": "data.prepared", "MicroBatchStream": "data.prepared",
+        "MetricsLogger": "training.metrics", "flops_per_sequence": "training.metrics",
+        "model_flops_utilization": "training.metrics", "peak_memory_gb": "training.metrics",
+        "TrainConfig": "training.config", "train": "training.loop", "TrainResult": "training.loop",
     }
 
     __all__ = sorted(_EXPORTS)

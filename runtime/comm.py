@@ -21,7 +21,7 @@ So every forward transition A -> B has the backward transition grad(B) -> grad(A
 | replicate_to_partial | Replicate -> Partial   | itself: first rank keeps, no comm |
 | scale_grad      | identity                    | grad * factor                     |
 
-The planner's table of collectives (``planner/collectives.py``) names each of these functions
+The planner's table of collectives (``planner/plan/collectives.py``) names each of these functions
 with its backward kind, bytes and the call codegen writes; a new collective is an entry there,
 its function here and a case in tests/test_comm.py (the table test runs every entry).
 

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from . import collective_order
-from .gpu_memory import enable_expandable_segments
+from .node_layout import check_node_layout
+from .reliability import collective_order
+from .reliability.gpu_memory import enable_expandable_segments
 
 __all__ = ["ParallelContext", "destroy_parallel", "init_parallel"]
 
@@ -41,6 +42,7 @@ class ParallelContext:
     unit_group: ProcessGroup  # the plan_ngpus ranks of this copy
     dp_group: ProcessGroup | None  # this unit rank in every copy; None when dp_size == 1
     axis_names: tuple[str, ...] = ()
+    nodes: int = 1  # nodes the launch spans (torchrun --nnodes), checked against the plan at init
     _axis_sizes: dict[str, int] = field(default_factory=dict, repr=False)
     _axis_coords: dict[str, int] = field(default_factory=dict, repr=False)
     _axis_groups: dict[str, ProcessGroup] = field(default_factory=dict, repr=False)
@@ -106,6 +108,9 @@ def init_parallel(
     torch.distributed.new_group requires. `timeout` applies to the default group (when this call
     creates it) and to all new groups; None inherits the default group's timeout. CUDA's allocator
     gets expandable segments unless the user configured it (``gpu_memory.enable_expandable_segments``).
+    A torchrun launch over several nodes is checked against plan["nodes"] first
+    (``node_layout.check_node_layout``): NodeLayoutError, a ValueError, on every rank when its nodes
+    split a mesh axis the plan keeps inside one, run unequal process counts or read other compile outputs.
     """
     enable_expandable_segments()  # the budgets the plan was made under were measured with it
     plan_ngpus = int(plan["plan_ngpus"])
@@ -153,6 +158,9 @@ def init_parallel(
         dist.init_process_group(**kwargs)
     if timeout is None:
         timeout = _default_group_timeout()
+    # Before any group: a launch whose nodes split an axis the plan keeps inside one stops here.
+    # A fake group (one rank standing for a larger job) has no other ranks to ask.
+    nodes = check_node_layout(plan, rank, world_size) if backend != "fake" else 1
 
     dp_size = world_size // plan_ngpus
     unit_rank, copy_index = rank % plan_ngpus, rank // plan_ngpus
@@ -178,6 +186,7 @@ def init_parallel(
         unit_group=groups[copy_ranks(range(plan_ngpus))],
         dp_group=groups[dp_ranks] if dp_size > 1 else None,
         axis_names=axis_names,
+        nodes=nodes,
         _axis_sizes=dict(zip(axis_names, axis_sizes)),
         _axis_coords={axis: int(coords[i]) for i, axis in enumerate(axis_names)},
         _axis_groups=axis_groups,

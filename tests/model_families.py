@@ -3,7 +3,7 @@
 The list is transformers' own (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), so a newer transformers
 brings its new families into tests/test_model_breadth.py by itself. ``family_status`` sorts each
 into: ``dense`` (a dense decoder-only LM: it must trace, compile and match Hugging Face),
-``moe`` (mixture of experts: refused at compile time with planner.hf's message) or
+``moe`` (mixture of experts: refused at compile time with planner.graph.hf's message) or
 ``other`` (not a dense decoder-only LM, or needing something beyond dimshard's ops; with the
 reason).
 """
@@ -117,7 +117,7 @@ def _defaults(model_type: str) -> Any:
 @functools.cache
 def family_status(model_type: str) -> tuple[str, str]:
     """(``dense`` | ``moe`` | ``other``, reason) for a causal-LM model type."""
-    from dimshard.planner.hf import unsupported_reason
+    from dimshard.planner.graph.hf import unsupported_reason
 
     if model_type in OTHER:
         return "other", OTHER[model_type]

@@ -39,6 +39,19 @@ def _make_optimizer(kind: str, params: Any, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.1, eps=1e-4)
 
 
+def reduce_gradients(ctx: Any, module: Any, loss: torch.Tensor) -> torch.Tensor:
+    """After ``loss.backward()`` on every rank: each shard's gradient summed over its holders and
+    averaged over the copies, as docs/contract.md prescribes; returns ``loss``'s mean over all ranks."""
+    for lp in module.local_parameters():
+        group = ctx.shard_group(lp.unit_ranks)
+        if group is not None:
+            dist.all_reduce(lp.param.grad, group=group)
+        lp.param.grad /= ctx.dp_size
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss)
+    return global_loss / ctx.world_size
+
+
 def rank_step(compile_dir: str, weights_file: str, input_ids: torch.Tensor, optimizer: str, lr: float) -> dict:
     """One rank of a parallel run: load the compiled module, forward, backward, reduce, one step.
 
@@ -58,15 +71,8 @@ def rank_step(compile_dir: str, weights_file: str, input_ids: torch.Tensor, opti
     batch = input_ids[ctx.copy_index * per_copy:(ctx.copy_index + 1) * per_copy]
     loss = module(batch, batch.clone())
     loss.backward()
+    global_loss = reduce_gradients(ctx, module, loss)
     locals_ = module.local_parameters()
-    for lp in locals_:
-        group = ctx.shard_group(lp.unit_ranks)
-        if group is not None:
-            dist.all_reduce(lp.param.grad, group=group)
-        lp.param.grad /= ctx.dp_size
-    global_loss = loss.detach().clone()
-    dist.all_reduce(global_loss)
-    global_loss /= ctx.world_size
     grads = {lp.name: (lp.slices, lp.param.grad.detach().clone()) for lp in locals_}
     opt = _make_optimizer(optimizer, [lp.param for lp in locals_], lr)
     opt.step()

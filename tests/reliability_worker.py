@@ -2,9 +2,9 @@
 
     python tests/reliability_worker.py '<json: TrainConfig fields + "dataset" + optional "step_sleep_s">'
 
-Runs tests/test_trainer_toy.py's toy model through ``dimshard.runtime.trainer.train`` under
+Runs tests/test_trainer_toy.py's toy model through ``dimshard.runtime.training.loop.train`` under
 ``failure_watchdog``, exactly as train.py's run stage does, and prints one ``error: ...`` line
-and exits 2 on failure. Faults come from ``DIMSHARD_FAULT`` (see runtime/faults.py); a
+and exits 2 on failure. Faults come from ``DIMSHARD_FAULT`` (see runtime/reliability/faults.py); a
 ``step_sleep_s`` slows each forward so that a signal can arrive mid-run. Prints
 ``losses <json list>`` on success.
 """
@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch.distributed as dist  # noqa: E402
 from test_trainer_toy import SEQ, make_module, toy_plan  # noqa: E402
 
-from dimshard.runtime.checkpoint import CheckpointError  # noqa: E402
-from dimshard.runtime.data import load_token_dataset  # noqa: E402
-from dimshard.runtime.failures import exit_after_failure, failure_watchdog  # noqa: E402
-from dimshard.runtime.train_config import TrainConfig  # noqa: E402
-from dimshard.runtime.trainer import train  # noqa: E402
+from dimshard.runtime.checkpointing.commit import CheckpointError  # noqa: E402
+from dimshard.runtime.data.prepared import load_token_dataset  # noqa: E402
+from dimshard.runtime.reliability.failures import exit_after_failure, failure_watchdog  # noqa: E402
+from dimshard.runtime.training.config import TrainConfig  # noqa: E402
+from dimshard.runtime.training.loop import train  # noqa: E402
 
 
 def _run(options: dict) -> list[float]:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dimshard.planner.annotations import AnnotationError, parse_annotation
+from dimshard.planner.ops.annotations import AnnotationError, parse_annotation
 
 
 def test_chunked_cross_entropy_annotation():

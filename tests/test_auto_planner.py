@@ -23,11 +23,13 @@ from parallel_harness import (
 )
 
 from dimshard.planner import CompileConfig, compile_model, register_op, trace
-from dimshard.planner.cost import GB
-from dimshard.planner.plan import PlanError, Shard
-from dimshard.planner.policies import POLICIES, PolicyContext
-from dimshard.planner.report import model_mfu, write_plan_report
-from dimshard.planner.search import auto, layer_structure, minimize, search
+from dimshard.planner.codegen.report import model_mfu, write_plan_report
+from dimshard.planner.cost.model import GB
+from dimshard.planner.graph.layers import layer_structure
+from dimshard.planner.plan.placements import PlanError, Shard
+from dimshard.planner.search.auto import auto, search
+from dimshard.planner.search.policies import POLICIES, PolicyContext
+from dimshard.planner.search.solver import minimize
 
 TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +138,7 @@ def test_impossible_budget_names_the_smallest_reachable_peak(mini_graph):
 
 
 def test_report_explains_builtin_and_auto_plans(tmp_path, mini_graph):
-    from dimshard.planner.plan import resolve_placements
+    from dimshard.planner.plan.resolve import resolve_placements
 
     ctx = PolicyContext(2, "layer", None, {"hw_profile": "h100"})
     resolved = resolve_placements(mini_graph, POLICIES["tp_sp"](mini_graph, ctx))

@@ -11,12 +11,13 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from test_trainer_toy import SEQ, make_module, save_dataset, token_rows, toy_plan
 
-from dimshard.runtime import checkpoint
-from dimshard.runtime.checkpoint import CheckpointError, load_checkpoint
-from dimshard.runtime.data import load_token_dataset
-from dimshard.runtime.optimizer import ZeroAdamW
-from dimshard.runtime.train_config import TrainConfig
-from dimshard.runtime.trainer import train
+from dimshard.runtime.checkpointing import commit, sharded
+from dimshard.runtime.checkpointing.commit import CheckpointError
+from dimshard.runtime.checkpointing.sharded import load_checkpoint
+from dimshard.runtime.data.prepared import load_token_dataset
+from dimshard.runtime.optimizer.zero_adamw import ZeroAdamW
+from dimshard.runtime.training.config import TrainConfig
+from dimshard.runtime.training.loop import train
 
 
 def _config(tmp_path, name: str, **overrides) -> TrainConfig:
@@ -33,7 +34,7 @@ def _config(tmp_path, name: str, **overrides) -> TrainConfig:
 def _train(config: TrainConfig, dataset_path: str, crash_at_save: int | None = None) -> dict:
     if crash_at_save is not None:
         calls = []
-        real_save_file = checkpoint.save_file
+        real_save_file = sharded.save_file
 
         def save_file(*args, **kwargs):
             calls.append(1)
@@ -41,7 +42,7 @@ def _train(config: TrainConfig, dataset_path: str, crash_at_save: int | None = N
                 os._exit(1)  # a killed process: no exception handling, no cleanup
             return real_save_file(*args, **kwargs)
 
-        checkpoint.save_file = save_file
+        sharded.save_file = save_file
     plan = toy_plan(config.plan_ngpus, config.micro_batch_size)
     ctx, module = make_module(plan)
     result = train(config, module, ctx, load_token_dataset(dataset_path, SEQ), plan)
@@ -120,27 +121,27 @@ def test_commit_leftovers_never_look_complete_and_an_interrupted_replacement_is_
     _complete(root / "step_6.tmp", 6)
     _complete(root / "step_8.deleting", 8)
     (root / "latest").write_text("step_4\n")
-    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_2", "step_4.replaced"]
-    assert checkpoint.find_latest_checkpoint(root).name == "step_4.replaced"
+    assert [p.name for p in commit.complete_checkpoints(root)] == ["step_2", "step_4.replaced"]
+    assert commit.find_latest_checkpoint(root).name == "step_4.replaced"
 
-    staging = checkpoint.prepare_staging(root, 10)
+    staging = commit.prepare_staging(root, 10)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_10.tmp", "step_2", "step_4"]
     assert (root / "step_4" / "trainer_state.json").is_file() and staging == root / "step_10.tmp"
 
     (staging / "trainer_state.json").write_text("{}")
-    checkpoint.commit_staging(root, staging, 10, keep_last=2)
+    commit.commit_staging(root, staging, 10, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_10", "step_4"]
     assert (root / "latest").read_text().strip() == "step_10"
 
 
 def test_a_run_writes_only_into_a_checkpoint_dir_it_owns(tmp_path):
     root = tmp_path / "ckpt"
-    checkpoint.check_checkpoint_dir_owned(root, None)  # absent
+    commit.check_checkpoint_dir_owned(root, None)  # absent
     _complete(root / "step_3.tmp", 3)
-    checkpoint.check_checkpoint_dir_owned(root, None)  # only an interrupted save: nothing to lose
+    commit.check_checkpoint_dir_owned(root, None)  # only an interrupted save: nothing to lose
     _complete(root / "step_2", 2)
     with pytest.raises(CheckpointError, match="--resume_path auto to continue that run, another --name"):
-        checkpoint.check_checkpoint_dir_owned(root, None)
-    checkpoint.check_checkpoint_dir_owned(root, root / "step_2")  # resumed from it
+        commit.check_checkpoint_dir_owned(root, None)
+    commit.check_checkpoint_dir_owned(root, root / "step_2")  # resumed from it
     with pytest.raises(CheckpointError, match="another --checkpoint_dir"):
-        checkpoint.check_checkpoint_dir_owned(root, tmp_path / "elsewhere" / "step_2")
+        commit.check_checkpoint_dir_owned(root, tmp_path / "elsewhere" / "step_2")

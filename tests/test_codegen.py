@@ -10,8 +10,9 @@ import torch
 from parallel_harness import mini_llama_config
 
 from dimshard.planner import CompileConfig, compile_model
-from dimshard.planner.plan import PARTIAL, REPLICATE, Mesh, Plan, PlanError, Shard, resolve_placements
-from dimshard.planner.redistribute import redistribution_steps
+from dimshard.planner.plan.placements import PARTIAL, REPLICATE, Mesh, Plan, PlanError, Shard
+from dimshard.planner.plan.redistribute import redistribution_steps
+from dimshard.planner.plan.resolve import resolve_placements
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ class _Unflatten(torch.nn.Module):
 
 def test_unflatten_of_a_split_outer_dim_gets_local_sizes():
     from dimshard.planner import trace
-    from dimshard.planner.codegen import generate_rank_code
+    from dimshard.planner.codegen.rank_code import generate_rank_code
 
     torch.manual_seed(0)
     model, x = _Unflatten(), torch.randn(2, 3, 16)

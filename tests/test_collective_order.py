@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
-from dimshard.runtime.collective_order import CollectiveOrderError, compare_logs
+from dimshard.runtime.reliability.collective_order import CollectiveOrderError, compare_logs
 
 
 def _swapped_groups(swap: bool) -> str:
-    from dimshard.runtime import collective_order
+    from dimshard.runtime.reliability import collective_order
 
     collective_order.enable()
     try:
@@ -44,7 +44,7 @@ def test_same_order_passes_and_swapped_order_is_named():
 def _plan_step_is_consistent(compile_dir: str, weights: str, input_ids: torch.Tensor) -> int:
     from parallel_harness import rank_step
 
-    from dimshard.runtime import collective_order
+    from dimshard.runtime.reliability import collective_order
 
     collective_order.enable()
     try:
@@ -92,8 +92,9 @@ def test_a_missing_collective_is_reported():
 def _trainer_checks_order(config, dataset_path: str) -> list[int]:
     from test_trainer_toy import SEQ, make_module, toy_plan
 
-    from dimshard.runtime import collective_order, trainer
-    from dimshard.runtime.data import load_token_dataset
+    from dimshard.runtime.data.prepared import load_token_dataset
+    from dimshard.runtime.reliability import collective_order
+    from dimshard.runtime.training import loop
 
     collective_order.enable()
     checked: list[int] = []
@@ -102,11 +103,11 @@ def _trainer_checks_order(config, dataset_path: str) -> list[int]:
         checked.append(collective_order.check_collective_order())
         return checked[-1]
 
-    trainer.check_collective_order = counting_check
+    loop.check_collective_order = counting_check
     try:
         plan = toy_plan(config.plan_ngpus, config.micro_batch_size)
         ctx, module = make_module(plan)
-        trainer.train(config, module, ctx, load_token_dataset(dataset_path, SEQ), plan)
+        loop.train(config, module, ctx, load_token_dataset(dataset_path, SEQ), plan)
         return checked
     finally:
         collective_order.disable()
@@ -116,7 +117,7 @@ def _trainer_checks_order(config, dataset_path: str) -> list[int]:
 def test_trainer_checks_the_order_of_buckets_zero_and_logging_collectives(tmp_path):
     from test_trainer_toy import save_dataset, token_rows
 
-    from dimshard.runtime.train_config import TrainConfig
+    from dimshard.runtime.training.config import TrainConfig
 
     dataset = save_dataset(tmp_path / "data", token_rows())
     # 2 copies of a 2-rank plan: activation collectives, gradient buckets, ZeRO-1's all-gather.

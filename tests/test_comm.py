@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
 
-from dimshard.planner.collectives import COLLECTIVES_TABLE
-from dimshard.planner.hardware import COLLECTIVES
-from dimshard.planner.plan import PARTIAL, REPLICATE, Shard
-from dimshard.planner.redistribute import redistribution_steps
+from dimshard.planner.cost.hardware import COLLECTIVES
+from dimshard.planner.plan.collectives import COLLECTIVES_TABLE
+from dimshard.planner.plan.placements import PARTIAL, REPLICATE, Shard
+from dimshard.planner.plan.redistribute import redistribution_steps
 from dimshard.runtime import comm
 from dimshard.runtime.comm import (
     all_gather,
@@ -362,7 +362,7 @@ def _check_mesh_and_layout() -> dict:
         (lambda x: all_gather(x, 2, sp), ["R", "S2"], ["R", "R"]),
         # a summand of a sum split on tp (a row-parallel bias), sharded on sp
         (lambda x: replicate_to_partial(x, tp), ["R", "S1"], ["P", "S1"]),
-        # a sharded summand: gathered, then Partial on the same axis (planner/redistribute.py)
+        # a sharded summand: gathered, then Partial on the same axis (planner/plan/redistribute.py)
         (lambda x: replicate_to_partial(all_gather(x, 0, tp), tp), ["S0", "S1"], ["P", "S1"]),
     ]
     for i, (op, src, dst) in enumerate(cases):

@@ -21,7 +21,7 @@ import torch
 from parallel_harness import mini_llama_config
 
 from dimshard.planner import CompileConfig, compile_model, compile_status
-from dimshard.planner.hardware import PROFILE_DIR
+from dimshard.planner.cost.hardware import PROFILE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,7 +176,7 @@ def test_train_py_reuses_only_a_current_compile_output(tmp_path, monkeypatch):
 
 
 def test_auto_without_a_host_budget_depends_on_this_machines_memory(tmp_path, monkeypatch):
-    from dimshard.planner import budgets
+    from dimshard.planner.cost import budgets
 
     config = _reference_config().for_model(_model(), _inputs())
     (tmp_path / "plan.json").write_text(json.dumps({"fingerprint": config.fingerprint(),

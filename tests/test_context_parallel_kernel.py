@@ -281,12 +281,13 @@ def test_op_on_one_gpu_rank_equals_sdpa(method):
         dist.destroy_process_group()
 
 
-def test_block_benchmark_runs_tiny_on_cpu():
+def test_block_benchmark_runs_tiny_on_cpu(monkeypatch):
     import importlib.util
     import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "context_parallel_blocks.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python benchmarks/...` has it: measurement.py
     spec = importlib.util.spec_from_file_location("context_parallel_blocks", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up there

@@ -13,10 +13,16 @@ from dist_utils import run_distributed
 from parallel_harness import assemble, max_diff, mini_llama_config, rank_step, reference_step, save_weights
 
 from dimshard.planner import CompileConfig, compile_model
-from dimshard.planner.graph import Graph, Op
-from dimshard.planner.plan import Mesh, Plan, PlanError
-from dimshard.planner.policies import PolicyContext, _plan_by_seeds, _sequence_seed, _tp_seed, register_policy
-from dimshard.planner.sequence_split import sequence_split_name
+from dimshard.planner.graph.ir import Graph, Op
+from dimshard.planner.plan.placements import Mesh, Plan, PlanError
+from dimshard.planner.plan.sequence_split import sequence_split_name
+from dimshard.planner.search.policies import (
+    PolicyContext,
+    _plan_by_seeds,
+    _sequence_seed,
+    _tp_seed,
+    register_policy,
+)
 
 TOL = 1e-5
 
@@ -168,7 +174,8 @@ def test_zigzag_reorders_agree_with_the_layout(world_size):
 
 
 def test_zigzag_steps_wrap_collectives_only_on_sequence_dims():
-    from dimshard.planner.sequence_split import ZigzagLayout, zigzag_step
+    from dimshard.planner.codegen.sequence_split_code import zigzag_step
+    from dimshard.planner.plan.sequence_split import ZigzagLayout
 
     layout = ZigzagLayout(axes={1: 4}, members={(7, 2)})
     g = "self.groups['cp']"
@@ -184,8 +191,12 @@ def test_zigzag_steps_wrap_collectives_only_on_sequence_dims():
 
 
 def test_collectives_on_an_axis_that_crosses_nodes_run_at_the_internode_rate():
-    from dimshard.planner.hardware import load_hw_profile
-    from dimshard.planner.topology import axis_collective_seconds, axis_crosses_nodes, node_ordered_meshes
+    from dimshard.planner.cost.hardware import load_hw_profile
+    from dimshard.planner.cost.topology import (
+        axis_collective_seconds,
+        axis_crosses_nodes,
+        node_ordered_meshes,
+    )
 
     hw = load_hw_profile("h200")
     assert hw.gpus_per_node == 8 and hw.internode_gbps == 400.0

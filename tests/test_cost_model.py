@@ -7,11 +7,12 @@ import torch
 from parallel_harness import mini_llama_config
 
 from dimshard.planner import trace
-from dimshard.planner.cost import analyze, estimate
-from dimshard.planner.hardware import HardwareProfile, load_hw_profile, shipped_profiles
-from dimshard.planner.op_costs import op_cost, param_state, redistribution_cost
-from dimshard.planner.plan import PARTIAL, REPLICATE, Mesh, Plan, Shard, resolve_placements
-from dimshard.planner.policies import POLICIES, PolicyContext
+from dimshard.planner.cost.hardware import HardwareProfile, load_hw_profile, shipped_profiles
+from dimshard.planner.cost.model import analyze, estimate
+from dimshard.planner.cost.op_costs import op_cost, param_state, redistribution_cost
+from dimshard.planner.plan.placements import PARTIAL, REPLICATE, Mesh, Plan, Shard
+from dimshard.planner.plan.resolve import resolve_placements
+from dimshard.planner.search.policies import POLICIES, PolicyContext
 
 # Round numbers: 1 TFLOP/s for every matmul, 1 TB/s copies, 100 GB/s links, 10 us latency, no launch cost.
 HW = HardwareProfile(
@@ -144,7 +145,7 @@ def test_selective_recompute_of_mlps_and_whole_layers_over_nested_regions(mini):
 
 
 def test_auto_searches_selective_recompute(mini):
-    from dimshard.planner.search import _recompute_choices
+    from dimshard.planner.search.auto import _recompute_choices
 
     choices = _recompute_choices(mini, "auto")
     assert ["model.layers.0", "model.layers.1.mlp"] in choices and ["model.layers.0.mlp", "model.layers.1.mlp"] in choices
@@ -208,12 +209,32 @@ def test_profile_hw_needs_a_gpu_and_documents_its_flags():
     import subprocess
     import sys
 
-    help_text = subprocess.run([sys.executable, "-m", "dimshard.planner.profile_hw", "--help"], check=True,
+    help_text = subprocess.run([sys.executable, "-m", "dimshard.planner.cost.profile_hw", "--help"], check=True,
                                capture_output=True, text=True).stdout
     for flag in ("--output", "--matmul_size", "--attention_seq_len", "--collective_mb", "--base"):
         assert flag in help_text
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the refusal path does not apply")
-    run = subprocess.run([sys.executable, "-m", "dimshard.planner.profile_hw", "--output", "unused.json"],
+    run = subprocess.run([sys.executable, "-m", "dimshard.planner.cost.profile_hw", "--output", "unused.json"],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "no CUDA device is visible" in run.stderr
+
+
+def test_a_collective_no_profile_has_measured_is_priced_like_the_kind_it_names(monkeypatch):
+    import dataclasses
+    import json
+
+    from dimshard.planner.cost import hardware
+    from dimshard.planner.plan import collectives
+
+    # A new communicating kind: an entry and its runtime function are all it takes (docs/design.md,
+    # "Adding a collective"); shipped profiles price it like the kind it names until measured.
+    new = dataclasses.replace(collectives.COLLECTIVES_TABLE["all_gather"], kind="new_gather", priced_like="all_gather")
+    monkeypatch.setitem(collectives.COLLECTIVES_TABLE, "new_gather", new)
+    monkeypatch.setattr(hardware, "COLLECTIVES", (*hardware.COLLECTIVES, "new_gather"))
+    data = json.loads((hardware.PROFILE_DIR / "h100.json").read_text())
+    hw = HardwareProfile.from_dict(data)
+    assert hw.collective_seconds("new_gather", 1e8, 8) == hw.collective_seconds("all_gather", 1e8, 8) > 0
+    monkeypatch.setitem(collectives.COLLECTIVES_TABLE, "new_gather", dataclasses.replace(new, priced_like=None))
+    with pytest.raises(ValueError, match="busbw_gbps has no 'new_gather'"):
+        HardwareProfile.from_dict(data)

@@ -13,11 +13,11 @@ import copy
 import pytest
 import torch
 from dist_utils import run_distributed
-from parallel_harness import assemble, max_diff, mini_llama_config, save_weights
+from parallel_harness import assemble, max_diff, mini_llama_config, reduce_gradients, save_weights
 
 from dimshard.kernels.hf_attention import register
 from dimshard.planner import CompileConfig, compile_model
-from dimshard.runtime.data_stream import IGNORE_INDEX, labels_for
+from dimshard.runtime.data.packed_stream import IGNORE_INDEX, labels_for
 
 TOL = 1e-5
 SEQ = 32
@@ -57,7 +57,6 @@ def reference_per_document(model: torch.nn.Module, batch: dict[str, torch.Tensor
 
 def packed_rank_step(compile_dir: str, weights_file: str, batch: dict[str, torch.Tensor]) -> dict:
     """One rank: the compiled module on this copy's rows of the packed batch; loss and gradients."""
-    import torch.distributed as dist
     from safetensors.torch import load_file
 
     from dimshard.runtime.distributed import init_parallel
@@ -71,15 +70,8 @@ def packed_rank_step(compile_dir: str, weights_file: str, batch: dict[str, torch
     mine = {k: v[ctx.copy_index * per_copy:(ctx.copy_index + 1) * per_copy] for k, v in batch.items()}
     loss = module(**mine)
     loss.backward()
-    for lp in module.local_parameters():
-        group = ctx.shard_group(lp.unit_ranks)
-        if group is not None:
-            dist.all_reduce(lp.param.grad, group=group)
-        lp.param.grad /= ctx.dp_size
     # Copies hold as many targets (see ROWS), so the mean over copies is the batch's mean loss.
-    global_loss = loss.detach().clone()
-    dist.all_reduce(global_loss)
-    global_loss /= ctx.world_size
+    global_loss = reduce_gradients(ctx, module, loss)
     return {"loss": global_loss.item(),
             "grads": {lp.name: (lp.slices, lp.param.grad.detach().clone()) for lp in module.local_parameters()}}
 
@@ -140,8 +132,8 @@ def test_unmasked_packing_differs_from_per_document():
 def test_document_masks_under_a_sequence_split_are_refused_at_compile_time(tmp_path):
     from test_context_parallel_planner import sequence_policy
 
-    from dimshard.planner.plan import PlanError
-    from dimshard.planner.policies import register_policy
+    from dimshard.planner.plan.placements import PlanError
+    from dimshard.planner.search.policies import register_policy
 
     register_policy("data_test_sp2", sequence_policy({"sp": 2}), replace=True)
     batch = packed_batch(ROWS[:1], 128)

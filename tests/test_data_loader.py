@@ -19,9 +19,9 @@ if str(EXAMPLE_DIR) not in sys.path:
 
 import demo_data  # noqa: E402
 
-from dimshard.runtime.data_loader import PackedBatchLoader  # noqa: E402
-from dimshard.runtime.data_spec import load_tokenizer, open_source, parse_data_spec  # noqa: E402
-from dimshard.runtime.data_stream import DocumentReader, Mixture, PackedSequenceStream  # noqa: E402
+from dimshard.runtime.data.packed_loader import PackedBatchLoader  # noqa: E402
+from dimshard.runtime.data.packed_stream import DocumentReader, Mixture, PackedSequenceStream  # noqa: E402
+from dimshard.runtime.data.spec import load_tokenizer, open_source, parse_data_spec  # noqa: E402
 
 SEQ = 48
 

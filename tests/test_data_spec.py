@@ -20,7 +20,7 @@ if str(EXAMPLE_DIR) not in sys.path:
 
 import demo_data  # noqa: E402
 
-from dimshard.runtime.data_spec import DataSpecError, check_data_spec, parse_data_spec  # noqa: E402
+from dimshard.runtime.data.spec import DataSpecError, check_data_spec, parse_data_spec  # noqa: E402
 
 VOCAB = 300
 

@@ -14,7 +14,7 @@ import torch
 from test_trainer_optimizer import _worlds
 from test_trainer_toy import make_module, toy_plan
 
-from dimshard.runtime.grad_reducer import GradReducer
+from dimshard.runtime.optimizer.grad_reducer import GradReducer
 
 UPDATE_PATHS = [
     {"widen_numel": 5},
@@ -101,9 +101,9 @@ def test_plan_prices_and_records_the_gradient_dtype(tmp_path):
     from transformers import LlamaForCausalLM
 
     from dimshard.planner import CompileConfig, compile_model
-    from dimshard.planner.cost import estimate
-    from dimshard.planner.plan import PlanError
-    from dimshard.runtime.grad_reducer import keeps_param_dtype
+    from dimshard.planner.cost.model import estimate
+    from dimshard.planner.plan.placements import PlanError
+    from dimshard.runtime.optimizer.grad_reducer import keeps_param_dtype
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(mini_llama_config())

@@ -41,7 +41,9 @@ def top_level_names() -> list[str]:
 def script_folders() -> list[Path]:
     """Folders outside the packages that hold Python files run as scripts (or as pytest's tests)."""
     packages = {ROOT / "planner", ROOT / "runtime", ROOT / "kernels"}
-    folders = {p.parent for p in ROOT.rglob("*.py") if ".git" not in p.parts and "build" not in p.parts}
+    # Hidden folders (.git, a virtual environment, scratch copies) and build output are not ours to run.
+    folders = {p.parent for p in ROOT.rglob("*.py")
+               if not any(part.startswith(".") or part == "build" for part in p.relative_to(ROOT).parts)}
     return sorted(f for f in folders if f != ROOT and not any(f.is_relative_to(p) for p in packages))
 
 

@@ -173,7 +173,7 @@ def test_attention_op_rejects_bad_arguments():
 
 def test_attention_op_is_one_traced_op_with_its_rule():
     from dimshard.kernels.attention import attention
-    from dimshard.planner.registry import OpCall, TensorMeta, get_rule
+    from dimshard.planner.ops.registry import OpCall, TensorMeta, get_rule
 
     rule = get_rule("dimshard.kernels.attention.attention")
     assert rule is not None and attention.__dimshard_op_name__ == "dimshard.kernels.attention.attention"

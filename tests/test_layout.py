@@ -18,7 +18,7 @@ PACKAGES = ("planner", "runtime", "kernels")
 REGISTRATION_API = {"dimshard.planner.ops.registry"}
 # planner/'s stages in pipeline order; a module may import from its own stage and earlier ones.
 # Top-level planner modules (the compile driver, its config, the package's exports) come last.
-PLANNER_STAGES = ("graph", "ops", "plan", "cost", "search", "codegen")
+PLANNER_STAGES = ("ops", "graph", "plan", "cost", "search", "codegen")
 MAX_LINES = 500
 
 

@@ -15,13 +15,14 @@ from dist_utils import run_distributed
 from safetensors import safe_open
 from test_trainer_toy import SEQ, make_module, reference_run, save_dataset, token_rows, toy_plan
 
-from dimshard.runtime.checkpoint import read_merged_metadata, save_checkpoint
-from dimshard.runtime.data import load_token_dataset
+from dimshard.runtime.checkpointing.merged import read_merged_metadata
+from dimshard.runtime.checkpointing.sharded import save_checkpoint
+from dimshard.runtime.data.prepared import load_token_dataset
 from dimshard.runtime.distributed import init_parallel
 from dimshard.runtime.module import ParallelModule
-from dimshard.runtime.optimizer import ZeroAdamW
-from dimshard.runtime.train_config import TrainConfig
-from dimshard.runtime.trainer import train
+from dimshard.runtime.optimizer.zero_adamw import ZeroAdamW
+from dimshard.runtime.training.config import TrainConfig
+from dimshard.runtime.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGER = ROOT / "tools" / "ckpt_merger.py"

@@ -6,7 +6,7 @@ traced and compiled with dimshard's attention and chunked loss under tp and tp_s
 kernels, as train.py traces on GPU) for 2 ranks;
 one launch of 2 gloo processes then runs every compiled model once, and each loss and merged
 gradient must equal the Hugging Face model's own (one process; its sdpa attention, or eager where it
-has none) within fp32 tolerance. Mixture-of-experts families must be refused at compile time with planner.hf's message.
+has none) within fp32 tolerance. Mixture-of-experts families must be refused at compile time with planner.graph.hf's message.
 
 ``python tests/test_model_breadth.py --write docs/models.md`` runs the same checks and writes the
 family table.
@@ -183,7 +183,7 @@ def test_every_family_has_a_status():
 
 
 def test_mixture_of_experts_is_refused_at_compile_time():
-    from dimshard.planner.hf import UnsupportedModelError, build_on_meta
+    from dimshard.planner.graph.hf import UnsupportedModelError, build_on_meta
 
     moe = [f for f in causal_lm_families() if family_status(f)[0] == "moe"]
     assert "mixtral" in moe and "qwen3_moe" in moe
@@ -249,14 +249,14 @@ if __name__ == "__main__":
 
 
 # --------------------------------------------------------------------------------------------
-# The op rules these families need (planner/op_rules.py, "Model breadth" block)
+# The op rules these families need (planner/ops/rules/)
 # --------------------------------------------------------------------------------------------
 
 
 def _annotation(name: str, inputs: list[tuple[int, ...]], outputs: list[tuple[int, ...]], *args: Any,
                 **kwargs: Any) -> str:
-    from dimshard.planner.annotations import parse_annotation
-    from dimshard.planner.registry import OpCall, TensorMeta, get_rule
+    from dimshard.planner.ops.annotations import parse_annotation
+    from dimshard.planner.ops.registry import OpCall, TensorMeta, get_rule
 
     metas = [TensorMeta(s, torch.float32) for s in inputs]
     call = OpCall(name, (metas[0], *args) if metas else args, kwargs, metas, [TensorMeta(s, torch.float32)
@@ -297,8 +297,8 @@ def test_zero_dim_tensor_rules():
 
 
 def test_gemma_style_model_traces_with_scalar_embedding_scale():
-    from dimshard.planner.hf import build_on_meta, chunked_causal_lm_forward
-    from dimshard.planner.trace import trace
+    from dimshard.planner.graph.hf import build_on_meta, chunked_causal_lm_forward
+    from dimshard.planner.graph.trace import trace
 
     ids = torch.randint(0, 128, (1, 8))
     graph = trace(build_on_meta(tiny_config("gemma")), {"input_ids": ids, "labels": ids.clone()},
@@ -324,8 +324,8 @@ def _create_mini(source: Path, output: Path, **overrides: Any) -> Path:
 
 @pytest.mark.parametrize("family", ["gemma2", "gpt_neox", "qwen3", "phi"])
 def test_create_mini_model_keeps_the_family_and_traces(tmp_path, family):
-    from dimshard.planner.hf import build_on_meta, chunked_causal_lm_forward, load_config
-    from dimshard.planner.trace import trace
+    from dimshard.planner.graph.hf import build_on_meta, chunked_causal_lm_forward, load_config
+    from dimshard.planner.graph.trace import trace
 
     source = tmp_path / "source"
     tiny_config(family).save_pretrained(source)
@@ -399,7 +399,7 @@ FOUR_WAY_HEADS = {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim"
 
 def _row_split_biased_linears(result: Any) -> list[str]:
     """Biased linears the compiled plan splits along their input features: the bias enters Partial, once."""
-    from dimshard.planner.plan import PARTIAL, Shard
+    from dimshard.planner.plan.placements import PARTIAL, Shard
 
     graph, resolved = result.graph, result.resolved
     names = []

@@ -11,7 +11,7 @@ import torch
 from test_trainer_optimizer import BETAS, LR, STEPS, WD, _check_against_reference, _worlds
 from test_trainer_toy import reference_run, token_rows
 
-from dimshard.runtime.optimizer_offload import HostAdamState, choose_update_device
+from dimshard.runtime.optimizer.host_adamw import HostAdamState, choose_update_device
 
 
 def test_offloaded_adamw_equals_torch_adamw_with_zero_accumulation_and_clipping():

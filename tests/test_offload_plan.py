@@ -11,7 +11,7 @@ from dist_utils import run_distributed
 from parallel_harness import assemble, max_diff, mini_llama_config, rank_step, reference_step, save_weights
 
 from dimshard.planner import CompileConfig, compile_model
-from dimshard.planner.plan import PlanError
+from dimshard.planner.plan.placements import PlanError
 
 TOL = 1e-5
 

@@ -7,14 +7,15 @@ import torch
 from parallel_harness import mini_llama_config
 
 from dimshard.planner import trace
-from dimshard.planner.cost import GB, analyze
-from dimshard.planner.hardware import load_hw_profile
-from dimshard.planner.layers import decoder_layer_scopes
-from dimshard.planner.offload_cost import OffloadRates, apply_offload, owned_state
-from dimshard.planner.plan import Mesh, Plan, PlanError, resolve_placements
-from dimshard.planner.policies import PolicyContext
-from dimshard.planner.report import write_plan_report
-from dimshard.planner.search import search
+from dimshard.planner.codegen.report import write_plan_report
+from dimshard.planner.cost.hardware import load_hw_profile
+from dimshard.planner.cost.model import GB, analyze
+from dimshard.planner.cost.offload_cost import OffloadRates, apply_offload, owned_state
+from dimshard.planner.graph.layers import decoder_layer_scopes
+from dimshard.planner.plan.placements import Mesh, Plan, PlanError
+from dimshard.planner.plan.resolve import resolve_placements
+from dimshard.planner.search.auto import search
+from dimshard.planner.search.policies import PolicyContext
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_search_offloads_only_when_the_gpu_budget_needs_it(graph, tmp_path):
 
 
 def test_report_shows_gpu_and_host_peaks(graph, tmp_path):
-    from dimshard.planner.plan import resolve_placements as resolve
+    from dimshard.planner.plan.resolve import resolve_placements as resolve
 
     layers = decoder_layer_scopes(graph)
     plan = Plan(Mesh(("unit",), (1,)), {}, layers, "dp", offload_scopes=layers[:3], offload_optimizer=True)

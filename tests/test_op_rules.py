@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import dimshard.kernels  # noqa: F401  (registers the kernels' rules, whatever ran before)
 import dimshard.planner  # noqa: F401  (registers the built-in rules)
-from dimshard.planner.annotations import parse_annotation
-from dimshard.planner.registry import OpCall, TensorMeta, registered_ops
+from dimshard.planner.ops.annotations import parse_annotation
+from dimshard.planner.ops.registry import OpCall, TensorMeta, registered_ops
 
 G = torch.Generator().manual_seed(0)
 
@@ -258,9 +258,10 @@ def test_every_rule_has_a_case() -> None:
 
 def test_a_split_sum_places_its_summand_partial_and_stores_it_whole() -> None:
     """A row-split biased linear: output and bias Partial, the bias stored whole and made Partial locally."""
-    from dimshard.planner.plan import PARTIAL, REPLICATE, Mesh, Plan, Shard, op_placements, resolve_placements
-    from dimshard.planner.redistribute import redistribution_steps
-    from dimshard.planner.trace import trace
+    from dimshard.planner.graph.trace import trace
+    from dimshard.planner.plan.placements import PARTIAL, REPLICATE, Mesh, Plan, Shard
+    from dimshard.planner.plan.redistribute import redistribution_steps
+    from dimshard.planner.plan.resolve import op_placements, resolve_placements
 
     graph = trace(torch.nn.Linear(8, 4), {"input": torch.randn(2, 8)})
     [op] = [op for op in graph.ops if op.name == "torch.nn.functional.linear"]

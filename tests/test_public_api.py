@@ -13,7 +13,7 @@ from parallel_harness import assert_matches_reference, rank_step, reference_step
 
 import dimshard.planner
 import dimshard.runtime
-from dimshard.planner import policies
+from dimshard.planner.search import policies
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5

@@ -3,7 +3,7 @@ exception, a full disk or a corrupt shard on one rank, and SIGTERM.
 
 Each rank is its own process started the way torchrun starts train.py (env:// rendezvous), running
 tests/reliability_worker.py: the toy model of test_trainer_toy.py through the real trainer under
-failure_watchdog. Faults are injected with DIMSHARD_FAULT (runtime/faults.py). Nothing here kills
+failure_watchdog. Faults are injected with DIMSHARD_FAULT (runtime/reliability/faults.py). Nothing here kills
 a surviving rank on its behalf, except where a rank is crashed on purpose (as torchrun would).
 """
 
@@ -22,8 +22,9 @@ import pytest
 import torch.distributed as dist
 from test_trainer_toy import save_dataset, token_rows
 
-from dimshard.runtime.checkpoint import complete_checkpoints, find_latest_checkpoint, verify_shard
-from dimshard.runtime.faults import CRASH_EXIT_CODE
+from dimshard.runtime.checkpointing.commit import complete_checkpoints, find_latest_checkpoint
+from dimshard.runtime.checkpointing.sharded import verify_shard
+from dimshard.runtime.reliability.faults import CRASH_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "reliability_worker.py"

@@ -1,10 +1,10 @@
-"""Scope nesting helpers (planner/scopes.py) agree with the plain definition: nested at a dot."""
+"""Scope nesting helpers (planner/graph/scopes.py) agree with the plain definition: nested at a dot."""
 
 from __future__ import annotations
 
 import random
 
-from dimshard.planner.scopes import enclosing, outermost_scopes, scopes_within
+from dimshard.planner.graph.scopes import enclosing, outermost_scopes, scopes_within
 
 
 def _inside(name: str, scope: str) -> bool:

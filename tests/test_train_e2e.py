@@ -133,7 +133,7 @@ def test_resume_merge_export(workdir):
     # The Hugging Face export is the trained model: same loss on step 4's batch as the parallel run.
     from transformers import AutoModelForCausalLM
 
-    from dimshard.runtime.data import MicroBatchStream, load_token_dataset
+    from dimshard.runtime.data.prepared import MicroBatchStream, load_token_dataset
 
     stream = MicroBatchStream(load_token_dataset(str(workdir / "data")), micro_batch_size=4, dp_size=1,
                               copy_index=0, seed=0)

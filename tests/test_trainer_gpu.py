@@ -24,16 +24,17 @@ STEPS = 4
 def _worker(out_dir: str) -> None:
     from test_trainer_toy import RowsDataset, ToyModule, full_state, token_rows, toy_plan
 
-    from dimshard.runtime.checkpoint import merge_checkpoint, save_merged
+    from dimshard.runtime.checkpointing.merged import merge_checkpoint, save_merged
     from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.train_config import TrainConfig
-    from dimshard.runtime.trainer import train
+    from dimshard.runtime.training.config import TrainConfig
+    from dimshard.runtime.training.loop import train
 
     out = Path(out_dir)
     rows = RowsDataset(token_rows())
     results: dict[str, dict] = {}
 
     def run(name: str, config: TrainConfig, seed: int = 0) -> None:
+        config = dataclasses.replace(config, dump_dir=str(out / name))  # a fresh run refuses another's metrics
         plan = toy_plan(config.plan_ngpus, config.micro_batch_size)
         ctx = init_parallel(plan)
         assert ctx.device.type == "cuda"

@@ -18,10 +18,10 @@ from test_trainer_toy import (
     toy_plan,
 )
 
-from dimshard.runtime.data import MicroBatchStream, load_token_dataset
-from dimshard.runtime.metrics import MetricsLogger, model_flops_utilization
-from dimshard.runtime.train_config import TrainConfig
-from dimshard.runtime.trainer import train
+from dimshard.runtime.data.prepared import MicroBatchStream, load_token_dataset
+from dimshard.runtime.training.config import TrainConfig
+from dimshard.runtime.training.loop import train
+from dimshard.runtime.training.metrics import MetricsLogger, model_flops_utilization
 
 
 def _train(config: TrainConfig, dataset_path: str) -> list[dict]:

@@ -17,10 +17,10 @@ from test_trainer_toy import (
     toy_plan,
 )
 
-from dimshard.runtime.data import MicroBatchStream
-from dimshard.runtime.grad_reducer import GradReducer
+from dimshard.runtime.data.prepared import MicroBatchStream
 from dimshard.runtime.module import take_slice
-from dimshard.runtime.optimizer import ZeroAdamW
+from dimshard.runtime.optimizer.grad_reducer import GradReducer
+from dimshard.runtime.optimizer.zero_adamw import ZeroAdamW
 
 STEPS, LR, WD, BETAS = 3, 1e-2, 0.1, (0.9, 0.95)
 

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from dimshard.runtime.lr_schedule import lr_at
-from dimshard.runtime.metrics import flops_per_sequence, model_flops_utilization
-from dimshard.runtime.train_config import TrainConfig, resolve_dtype, resolve_peak_tflops
+from dimshard.runtime.optimizer.lr_schedule import lr_at
+from dimshard.runtime.training.config import TrainConfig, resolve_dtype, resolve_peak_tflops
+from dimshard.runtime.training.metrics import flops_per_sequence, model_flops_utilization
 
 LR = 3e-4
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from dist_utils import run_distributed
 
 from dimshard.runtime import comm
-from dimshard.runtime.data import MicroBatchStream
+from dimshard.runtime.data.prepared import MicroBatchStream
 from dimshard.runtime.distributed import init_parallel
-from dimshard.runtime.lr_schedule import lr_at
 from dimshard.runtime.module import ParallelModule, take_slice
+from dimshard.runtime.optimizer.lr_schedule import lr_at
 
 VOCAB, DIM, HIDDEN, SEQ = 32, 8, 16, 8
 

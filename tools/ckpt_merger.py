@@ -25,13 +25,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from dimshard.runtime.checkpoint import (
-    CheckpointError,
-    merge_checkpoint,
-    read_json,
-    resolve_checkpoint,
-    save_merged,
-)
+from dimshard.runtime.checkpointing.commit import CheckpointError
+from dimshard.runtime.checkpointing.merged import merge_checkpoint, save_merged
+from dimshard.runtime.checkpointing.sharded import read_json, resolve_checkpoint
 
 # Files of a model folder that belong next to the exported weights: the tokenizer (any of the
 # formats transformers saves) and the generation defaults.
@@ -74,15 +70,15 @@ def hf_state_dict(tensors: dict, plan: dict, config: dict, source_dir: Path | No
     """The tensors ``save_pretrained`` would write for the trained model, keyed as it keys them.
 
     Each parameter goes under the key transformers gives it on disk (installed version; GPT-NeoX's
-    ``lm_head`` is ``embed_out``, a tied weight is written once: ``planner.hf.checkpoint_names``),
+    ``lm_head`` is ``embed_out``, a tied weight is written once: ``planner.graph.hf.checkpoint_names``),
     and the model's persistent buffers, which training does not change, come along: the values in
     ``source_dir``'s weights where it has them (what the run loaded), else the config's. Raises
     CheckpointError when the trained parameters and the config's model differ.
     """
     from transformers import AutoConfig
 
-    from dimshard.planner.hf import build_on_meta, checkpoint_names
-    from dimshard.runtime.weights import has_weights, read_tensors
+    from dimshard.planner.graph.hf import build_on_meta, checkpoint_names
+    from dimshard.runtime.checkpointing.pretrained_weights import has_weights, read_tensors
 
     try:
         model = build_on_meta(AutoConfig.for_model(**config))

@@ -64,7 +64,7 @@ def _cases() -> list[tuple[str, dict, int, dict]]:
 
 def _compile(work: Path, overrides: dict, shape: tuple[int, int], keywords: dict) -> dict[str, str]:
     from dimshard.planner import CompileConfig, compile_model
-    from dimshard.planner.hf import build_on_meta, load_config
+    from dimshard.planner.graph.hf import build_on_meta, load_config
 
     folder = work / "model"
     folder.mkdir(parents=True, exist_ok=True)

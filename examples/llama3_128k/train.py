@@ -13,6 +13,7 @@ sequence, and no process ever holds the [tokens, vocabulary] logits.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,12 +24,12 @@ import torch
 import torch.distributed as dist
 
 from dimshard.cli import UserInputError, parse_dataclass_args
-from dimshard.runtime.train_config import TrainConfig
+from dimshard.runtime.training.config import TrainConfig
 
 if TYPE_CHECKING:
-    from dimshard.planner.budgets import MemoryBudget
+    from dimshard.planner.cost.budgets import MemoryBudget
     from dimshard.runtime.distributed import ParallelContext
-    from dimshard.runtime.trainer import TrainResult
+    from dimshard.runtime.training.loop import TrainResult
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TrainArgs(TrainConfig):
     )
     hw_profile: str = field(
         default="", metadata={"help": "cost-model hardware profile for the planner: h100, h200, cpu or a JSON file "
-                                      "from `python -m dimshard.planner.profile_hw`; default: the visible GPU's, "
+                                      "from `python -m dimshard.planner.cost.profile_hw`; default: the visible GPU's, "
                                       "else $DIMSHARD_HW_PROFILE, else h100"}
     )
     init_seed: int = field(
@@ -83,7 +84,7 @@ def _sequence_length(args: TrainArgs) -> int:
 
 def _open_dataset(path: str, sequence_length: int | None = None):
     """The packed dataset at ``path``; a missing, partial or corrupt one is a UserInputError."""
-    from dimshard.runtime.data import load_token_dataset
+    from dimshard.runtime.data.prepared import load_token_dataset
 
     try:
         return load_token_dataset(path, sequence_length)
@@ -98,11 +99,11 @@ def _open_dataset(path: str, sequence_length: int | None = None):
 def _data_spec(args: TrainArgs, check: bool = False):
     """The DataSpec of ``--data_sources`` (None without); ``check`` opens every source and the tokenizer
     first and raises a one-line DataSpecError (a UserInputError) for what does not fit the model."""
-    from dimshard.runtime.data_spec import check_data_spec, spec_from_config
+    from dimshard.runtime.data.spec import check_data_spec, spec_from_config
 
     spec = spec_from_config(args)
     if spec is not None and check:
-        from dimshard.planner.hf import load_config
+        from dimshard.planner.graph.hf import load_config
 
         vocab_size = getattr(load_config(args.model_id), "vocab_size", None) if args.model_id else None
         check_data_spec(spec, vocab_size, dp_size=args.runtime_ngpus // args.plan_ngpus)
@@ -115,7 +116,7 @@ def _one_line(text: str) -> str:
 
 def _compile_inputs(args: TrainArgs, sequence_length: int) -> dict[str, torch.Tensor]:
     ids = torch.zeros(args.micro_batch_size, sequence_length, dtype=torch.long)
-    if args.document_masking:  # packed documents: the loader's batches carry these too (runtime/data_loader.py)
+    if args.document_masking:  # packed documents: the loader's batches carry these too (runtime/data/packed_loader.py)
         return {"input_ids": ids, "labels": ids.clone(), "position_ids": ids.clone(), "document_ids": ids.clone()}
     return {"input_ids": ids, "labels": ids.clone()}
 
@@ -123,16 +124,16 @@ def _compile_inputs(args: TrainArgs, sequence_length: int) -> dict[str, torch.Te
 def _policy_options(args: TrainArgs) -> tuple[dict, MemoryBudget]:
     """The policy's options (data-parallel copies, ZeRO, micro-batches per step) and the per-GPU memory budget.
 
-    The budget (a ``planner.budgets.MemoryBudget``: GB and where they came from) is
+    The budget (a ``planner.cost.budgets.MemoryBudget``: GB and where they came from) is
     ``--memory_budget_gb``, or for ``--policy auto`` this GPU's memory (the hardware profile's
-    when compiling without a GPU) less the profile's measured margin (``planner/budgets.py``);
+    when compiling without a GPU) less the profile's measured margin (``planner/cost/budgets.py``);
     other policies get no budget (the report still shows their memory). Only ``auto`` depends on
     the data-parallel degree, so only its compile output is tied to ``--runtime_ngpus``.
     """
-    from dimshard.planner.budgets import MemoryBudget, default_gpu_budget
-    from dimshard.planner.hardware import load_hw_profile
+    from dimshard.planner.cost.budgets import MemoryBudget, default_gpu_budget
+    from dimshard.planner.cost.hardware import load_hw_profile
 
-    # Gradient buffers depend on it (planner/gradient_buffers.py), whatever the policy.
+    # Gradient buffers depend on it (planner/plan/gradient_buffers.py), whatever the policy.
     options: dict = {"grad_accumulation_steps": args.grad_accumulation_steps}
     if args.policy == "auto":
         # The search weighs ZeRO-1's sharded optimizer state; other plans stay valid for any runtime_ngpus.
@@ -151,7 +152,7 @@ def _policy_options(args: TrainArgs) -> tuple[dict, MemoryBudget]:
 def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
     """What to compile: ``(model on meta, example inputs, CompileConfig bound to them)``."""
     from dimshard.planner import CompileConfig
-    from dimshard.planner.hf import build_on_meta, load_config
+    from dimshard.planner.graph.hf import build_on_meta, load_config
 
     if not args.model_id:
         raise UserInputError("--model_id is required: a Hugging Face model folder (config.json, weights)")
@@ -205,8 +206,13 @@ def _init_weights(module: object, args: TrainArgs) -> None:
     """
     from safetensors import SafetensorError
 
+    from dimshard.runtime.checkpointing.pretrained_weights import (
+        has_weights,
+        plan_checkpoint_names,
+        read_buffers,
+        slice_reader,
+    )
     from dimshard.runtime.module import read_plan, take_slice
-    from dimshard.runtime.weights import has_weights, plan_checkpoint_names, read_buffers, slice_reader
 
     if has_weights(args.model_id):
         plan = read_plan(args.compile_dir)
@@ -219,7 +225,7 @@ def _init_weights(module: object, args: TrainArgs) -> None:
                 "are missing, truncated or of another model: save the model again with save_pretrained")) from None
         return
     _log(f"{args.model_id} holds no weights: initializing randomly (seed {args.init_seed})")
-    from dimshard.planner.hf import load_config
+    from dimshard.planner.graph.hf import load_config
 
     std = float(getattr(load_config(args.model_id), "initializer_range", 0.02))
     device = module.device
@@ -239,14 +245,15 @@ def _init_weights(module: object, args: TrainArgs) -> None:
 def run_stage(args: TrainArgs) -> None:
     """Under torchrun (or one plain process): compile if needed, load, train, checkpoint."""
     from dimshard.runtime.distributed import destroy_parallel
-    from dimshard.runtime.failures import failure_watchdog
-    from dimshard.runtime.gpu_memory import enable_expandable_segments
+    from dimshard.runtime.reliability.failures import failure_watchdog
+    from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
-    enable_expandable_segments()  # before CUDA starts in this rank (planner/budgets.py measured with it)
+    enable_expandable_segments()  # before CUDA starts in this rank (planner/cost/budgets.py measured with it)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != args.runtime_ngpus:
         raise UserInputError(f"--runtime_ngpus is {args.runtime_ngpus} but {world} processes were launched: "
-                             f"use torchrun --nproc_per_node {args.runtime_ngpus} (or change --runtime_ngpus)")
+                             f"use torchrun --nproc_per_node {args.runtime_ngpus} (on several nodes: --nnodes times "
+                             f"--nproc_per_node = {args.runtime_ngpus}), or change --runtime_ngpus")
     if not args.data_sources and (not args.dataset_path or not Path(args.dataset_path).exists()):
         raise UserInputError(f"--dataset_path {args.dataset_path!r} does not exist: prepare it with bookcorpus.py")
     use_gpu = torch.cuda.is_available()
@@ -278,8 +285,9 @@ def run_stage(args: TrainArgs) -> None:
 def _train_under_torchrun(args: TrainArgs, use_gpu: bool) -> None:
     """Every rank: compile (rank 0, when needed), load or initialise the weights, train."""
     from dimshard.runtime.distributed import init_parallel
-    from dimshard.runtime.gpu_memory import GpuOutOfMemory, out_of_memory_guard
     from dimshard.runtime.module import read_plan
+    from dimshard.runtime.node_layout import spans_nodes
+    from dimshard.runtime.reliability.gpu_memory import GpuOutOfMemory, out_of_memory_guard
 
     if dist.get_rank() == 0:
         current, why = compile_is_current(args, use_gpu)
@@ -289,7 +297,14 @@ def _train_under_torchrun(args: TrainArgs, use_gpu: bool) -> None:
         else:
             _log(f"reusing the compile output in {args.compile_dir}")
     dist.barrier()
-    plan = read_plan(args.compile_dir)
+    try:
+        plan = read_plan(args.compile_dir)
+    except FileNotFoundError:
+        if dist.get_rank() == 0 or not spans_nodes(dist.get_world_size()):
+            raise
+        raise UserInputError(f"--compile_dir {args.compile_dir} holds no plan.json on {socket.gethostname()}, though "
+                             "rank 0 has one there: every node must read the one compile output: put it on a file "
+                             "system all nodes share (README.md, \"Several nodes\")") from None
     ctx = init_parallel(plan)
     try:
         with out_of_memory_guard(plan, ctx.device, ctx.rank):  # loading allocates too; steps say their number
@@ -302,13 +317,17 @@ def _train_under_torchrun(args: TrainArgs, use_gpu: bool) -> None:
 
 def _load_and_train(args: TrainArgs, plan: dict, ctx: ParallelContext) -> TrainResult:
     """Load this rank's module, initialise or resume it, train; returns the trainer's TrainResult."""
-    from dimshard.planner.hf import load_config
+    from dimshard.planner.graph.hf import load_config
+    from dimshard.runtime.checkpointing.shared_folder import check_shared_checkpoints
     from dimshard.runtime.module import load_parallel_module
-    from dimshard.runtime.trainer import resume_source, train
+    from dimshard.runtime.training.loop import resume_source, train
 
-    module = load_parallel_module(args.compile_dir, ctx)
     config = TrainConfig(**{k: v for k, v in asdict(args).items() if k in TrainConfig.__dataclass_fields__})
-    if resume_source(config) is None:  # a fresh start, also for --resume_path auto without a checkpoint
+    source = resume_source(config)
+    if ctx.nodes > 1:  # nodes that saw different checkpoint folders would commit or resume different steps
+        check_shared_checkpoints(config.checkpoint_dir, source, ctx.rank, ctx.world_size)
+    module = load_parallel_module(args.compile_dir, ctx)
+    if source is None:  # a fresh start, also for --resume_path auto without a checkpoint
         _init_weights(module, args)
     dataset = _data_spec(args) or _open_dataset(args.dataset_path, plan["model_stats"]["seq_len"])
     model_config = load_config(args.model_id).to_dict()
@@ -318,8 +337,8 @@ def _load_and_train(args: TrainArgs, plan: dict, ctx: ParallelContext) -> TrainR
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, then compile or run; user errors print one line and exit with status 2."""
     from dimshard.planner import CodegenError, TraceError
-    from dimshard.runtime.checkpoint import CheckpointError
-    from dimshard.runtime.failures import PeerFailure
+    from dimshard.runtime.checkpointing.commit import CheckpointError
+    from dimshard.runtime.reliability.failures import PeerFailure
 
     args = parse_dataclass_args(TrainArgs, argv)
     try:
@@ -341,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     if code and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from dimshard.runtime.failures import exit_after_failure
+        from dimshard.runtime.reliability.failures import exit_after_failure
 
         exit_after_failure(code)  # the other ranks were told (failure_watchdog); no teardown
     sys.exit(code)

@@ -8,7 +8,7 @@ scatters it, and back into natural order after one that gathers it. All three fu
 plain PyTorch views and concatenations: autograd gives their backward (the inverse reorder, or a
 zero-padded placement for the slice, as ``comm.local_slice`` does).
 
-Generated code imports them from ``kernels/_cp_reorder.py`` (``planner/sequence_split.py``'s
+Generated code imports them from ``kernels/_cp_reorder.py`` (``planner/codegen/sequence_split_code.py``'s
 ``REORDER_MODULE``), which re-exports this module.
 """
 

@@ -1,0 +1,334 @@
+"""The cost model: step time and peak memory per GPU of a resolved plan, from op shapes and a hardware profile.
+
+Time. Every op runs on its local shards (``ResolvedPlan.local_shape``) and is priced by the cost
+class of its record (``registry.OpRecord.cost``, see ``op_costs.op_cost``). Matmuls (linear,
+matmul, bmm, the chunked cross-entropy's projection) cost ``2*m*n*k`` FLOPs, attention
+``4*b*h*l*s*d`` times the record's ``mask_density`` (half when causal), each at the profile's
+sustained rate, or the time to move its bytes when that is longer (a roofline); every other op is
+memory bound: the bytes it reads and writes over the copy bandwidth. Views cost nothing. Backward
+costs twice the forward; the chunked cross-entropy takes its gradients in the forward (three
+products there) and its backward only scales them. A collective costs ``alpha + bytes / busbw``
+with the bytes of its entry in ``planner/plan/collectives.py`` (``sent_bytes``) and the bus bandwidth
+of its kind (nccl-tests' convention). Its backward is the entry's ``backward`` kind, the
+transposed collective (all-gather <-> reduce-scatter, all-reduce and all-to-all themselves, a
+local slice none); a recomputed scope runs its forward, collectives included, twice. Nothing is
+assumed to overlap.
+
+Memory per GPU, at the peak of a training step:
+
+- parameters in their dtype, gradients in the buffers of ``runtime/optimizer/grad_reducer.py`` (fp32, or the
+  parameter dtype for single-holder shards of a one-micro-batch step: ``planner/plan/gradient_buffers.py``), and
+  Adam state (two fp32 moments, plus an fp32 master copy for low-precision parameters: 12 bytes
+  per bf16 parameter), the optimizer state divided by ``dp_size`` under ZeRO-1;
+- activations kept for backward. The approximation: an op that has a backward keeps the
+  activations it reads (in the placement it reads them, so an all-gathered input is kept whole),
+  except ops whose backward needs no values: views, casts, additions, concatenations, means and
+  sums, and a product with a constant (the record's ``saves``). Attention keeps its output as
+  well. A tensor kept by several ops counts once. A recomputed scope keeps only its inputs;
+- the transient: while a recomputed scope is run again in backward its kept activations come back
+  (the peak checks every such moment, with the activations of earlier ops still held), plus a
+  working set: the largest gradient-carrying op's local inputs and outputs (their gradients are
+  alive while it runs backward) and a custom loss's chunk of logits.
+
+``GB`` in this module is 10^9 bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from ..graph.ir import ACTIVATION, Graph, dtype_bytes
+from ..graph.layers import decoder_layer_scopes
+from ..graph.scopes import outermost_scopes, scopes_within
+from ..plan.placements import REPLICATE, ResolvedPlan, TensorPlacement
+from .hardware import HardwareProfile, load_hw_profile
+from .op_costs import (
+    local_bytes,
+    op_cost,
+    redistribution_cost,
+    saved_inputs,
+    saves_output,
+    stored_param_state,
+    working_bytes,
+)
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class CollectiveRecord:
+    """One collective of the forward (or its backward) feeding op ``op_index``; ``region`` is its recompute scope."""
+
+    op_index: int
+    tensor_id: int
+    kind: str
+    axis: int  # mesh axis index
+    group_size: int
+    nbytes: float
+    seconds: float
+    phase: str  # forward | backward
+    region: str | None
+
+
+@dataclass
+class Estimate:
+    """Estimated time of one training step (one micro-batch per copy) and peak memory per GPU.
+
+    Seconds: ``compute_s`` (forward, backward and recomputation of ops), ``comm_s`` (activation
+    collectives, forward, backward and recomputed), ``grad_sync_s`` (gradient all-reduce and ZeRO
+    parameter all-gather), ``optimizer_s``. Bytes per GPU by category in ``memory``; ``peak_bytes``
+    is their sum at the moment of the peak (``peak_phase``).
+    """
+
+    compute_s: float
+    comm_s: float
+    grad_sync_s: float
+    optimizer_s: float
+    memory: dict[str, float]
+    peak_phase: str
+    flops: float  # executed per GPU, recomputation included
+    model_flops: float  # forward and backward FLOPs per GPU without recomputation
+    recompute_scopes: list[str]
+    collectives: list[CollectiveRecord]
+    dp_size: int
+    hw_name: str
+    host_bytes: float = 0.0  # per rank, offloaded state in host memory (planner/cost/offload_cost.py)
+
+    @property
+    def forward_backward_s(self) -> float:
+        """Forward plus backward of one micro-batch: what a step costs without the optimizer."""
+        return self.compute_s + self.comm_s
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.comm_s + self.grad_sync_s + self.optimizer_s
+
+    @property
+    def peak_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_bytes / GB
+
+    def summary(self) -> str:
+        """One line: step time split and peak memory."""
+        return (f"step {self.step_s * 1e3:.1f} ms (compute {self.compute_s * 1e3:.1f}, comm {self.comm_s * 1e3:.1f}, "
+                f"grad sync {self.grad_sync_s * 1e3:.1f}, optimizer {self.optimizer_s * 1e3:.1f}), "
+                f"peak {self.peak_gb:.2f} GB")
+
+
+@dataclass
+class _Region:
+    scope: str
+    start: int = 1 << 60
+    forward_compute_s: float = 0.0
+    forward_comm_s: float = 0.0
+    forward_flops: float = 0.0
+    saved: dict[tuple, float] = field(default_factory=dict)  # kept for backward when not recomputed
+    inputs: dict[tuple, float] = field(default_factory=dict)  # kept when recomputed
+    produced: set[int] = field(default_factory=set)  # tensors its ops write
+
+
+@dataclass
+class PlanAnalysis:
+    """Per-op costs of one resolved plan, from which ``estimate(recompute_scopes)`` is cheap.
+
+    The search evaluates every recompute choice of a candidate plan with one analysis.
+    """
+
+    base_compute_s: float
+    base_comm_s: float
+    flops: float
+    static: dict[str, float]
+    grad_sync_s: float
+    optimizer_s: float
+    working_bytes: float
+    regions: dict[str, _Region]
+    other_saved: list[tuple[int, tuple, float]]  # (op index, key, bytes) kept outside every region
+    collectives: list[CollectiveRecord]
+    dp_size: int
+    hw_name: str
+
+    def _recomputed_groups(self, recompute_scopes: list[str]) -> dict[str, list[_Region]]:
+        """Each recomputed scope with the analysed regions inside it (itself, nested ones like its MLP).
+
+        A scope inside another recomputed scope adds nothing: the outer checkpoint holds it, as in
+        codegen, where an op belongs to the first scope of the list that contains it.
+        """
+        within = scopes_within(tuple(self.regions))
+        groups = {s: [self.regions[name] for name in within.get(s, ())] for s in outermost_scopes(recompute_scopes)}
+        unknown = [s for s, members in groups.items() if not members]
+        if unknown:
+            raise ValueError(f"recompute scopes {unknown} were not analysed; pass them to analyze(regions=...)")
+        return groups
+
+    def estimate(self, recompute_scopes: list[str]) -> Estimate:
+        """The estimate with these scopes recomputed (each must be, or hold, an analysed region).
+
+        A recomputed scope keeps only what flows into it from outside, so a decoder layer analysed
+        as two regions (the layer's own ops and its MLP) and recomputed whole keeps its input only.
+        """
+        groups = self._recomputed_groups(recompute_scopes)
+        covered = {r.scope for members in groups.values() for r in members}
+        kept: dict[tuple, tuple[int, float]] = {}  # key -> (position, bytes); first position wins
+
+        def keep(key: tuple, pos: int, nbytes: float) -> None:
+            if key not in kept or kept[key][0] > pos:
+                kept[key] = (pos, nbytes)
+
+        for pos, key, nbytes in self.other_saved:
+            kept.setdefault(key, (pos, nbytes))
+        for region in self.regions.values():
+            if region.scope not in covered:
+                for key, nbytes in region.saved.items():
+                    keep(key, region.start + 1, nbytes)
+        starts, again_bytes = {}, {}
+        for scope, members in groups.items():
+            produced = set().union(*(r.produced for r in members))
+            starts[scope] = min(r.start for r in members)
+            again_bytes[scope] = sum(sum(r.saved.values()) for r in members)
+            for r in members:
+                for key, nbytes in r.inputs.items():
+                    if key[0] not in produced:
+                        keep(key, starts[scope], nbytes)
+        order = sorted(kept.values())
+        positions = [p for p, _ in order]
+        prefix = [0.0]
+        for _, b in order:
+            prefix.append(prefix[-1] + b)
+        memory = dict(self.static)
+        memory.update(activations=prefix[-1], recompute=0.0, working=self.working_bytes)
+        phase = "start of backward"
+        best = prefix[-1]
+        for scope in groups:
+            before = prefix[bisect.bisect_right(positions, starts[scope])]
+            again = again_bytes[scope]
+            if before + again > best:
+                best, phase = before + again, f"recomputing {scope}"
+                memory.update(activations=before, recompute=again)
+        members = [r for group in groups.values() for r in group]
+        extra_c = sum(r.forward_compute_s for r in members)
+        extra_m = sum(r.forward_comm_s for r in members)
+        extra_f = sum(r.forward_flops for r in members)
+        return Estimate(
+            compute_s=self.base_compute_s + extra_c, comm_s=self.base_comm_s + extra_m,
+            grad_sync_s=self.grad_sync_s, optimizer_s=self.optimizer_s, memory=memory, peak_phase=phase,
+            flops=self.flops + extra_f, model_flops=self.flops, recompute_scopes=list(recompute_scopes),
+            collectives=self.collectives, dp_size=self.dp_size, hw_name=self.hw_name,
+        )
+
+
+def _region_of(scope: str, regions: list[str]) -> str | None:
+    for r in regions:
+        if scope == r or scope.startswith(r + "."):
+            return r
+    return None
+
+
+def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: int = 1, zero: bool = True,
+            regions: list[str] | None = None, accumulation: int = 1) -> PlanAnalysis:
+    """Cost every op, collective and parameter of a resolved plan once.
+
+    ``regions`` are the scopes that may be recomputed (default: the plan's recompute scopes, then
+    the decoder layers); an op belongs to the innermost that contains its scope. ``accumulation``
+    is the number of micro-batches per optimizer step (it decides the gradient buffers' dtype).
+    """
+    plan = resolved.plan
+    mesh = plan.mesh
+    if regions is None:
+        regions = list(plan.recompute_scopes) + decoder_layer_scopes(graph)
+    # Nested scopes first (a layer's MLP before the layer), so that an op lands in the innermost
+    # analysed region; ``estimate`` merges the regions inside a scope recomputed whole.
+    regions = sorted(dict.fromkeys(regions), key=lambda r: -r.count("."))
+    region_info = {r: _Region(r) for r in regions}
+    compute = comm = flops = 0.0
+    working = 0.0
+    other: list[tuple[int, tuple, float]] = []
+    records: list[CollectiveRecord] = []
+    seen_redistribution: set[tuple] = set()
+
+    def tensor_bytes(tid: int, placement: TensorPlacement) -> float:
+        return local_bytes(graph.tensors[tid], placement, mesh)
+
+    # Op scope -> its region: a few hundred scopes for thousands of ops.
+    region_of = {s: _region_of(s, regions) for s in {op.scope for op in graph.ops}}
+    for op in graph.ops:
+        ins, outs = resolved.op_inputs[op.index], resolved.op_outputs[op.index]
+        in_ids = op.input_ids()
+        scope = region_of[op.scope]
+        region = region_info[scope] if scope is not None else None
+        cost = op_cost(graph, op, ins, outs, mesh, hw)
+        compute += cost.forward_s + cost.backward_s
+        flops += cost.flops + cost.backward_flops
+        if region is not None:
+            region.start = min(region.start, op.index)
+            region.forward_compute_s += cost.forward_s
+            region.forward_flops += cost.flops
+            region.produced.update(op.output_ids())
+        for tid, want in zip(in_ids, ins):
+            t = graph.tensors[tid]
+            have = resolved.stored[tid]
+            if region is not None and t.kind == ACTIVATION and t.producer is not None \
+                    and region_of[graph.ops[t.producer].scope] != scope:
+                # Checkpointing keeps what flows into the scope, as it was stored.
+                region.inputs[(tid, have)] = tensor_bytes(tid, have)
+            if have == want or (tid, want, scope) in seen_redistribution:
+                continue
+            # Codegen emits one redistribution per (tensor, placement) and block; later readers reuse it.
+            seen_redistribution.add((tid, want, scope))
+            cc = redistribution_cost(t.shape, dtype_bytes(t.dtype), have, want, mesh, hw, t.requires_grad)
+            comm += cc.forward_s + cc.backward_s
+            if region is not None:
+                region.forward_comm_s += cc.forward_s
+            for phase, steps in (("forward", cc.forward), ("backward", cc.backward)):
+                for kind, axis, nbytes, sec in steps:
+                    records.append(CollectiveRecord(op.index, tid, kind, axis, mesh.shape[axis],
+                                                    nbytes, sec, phase, scope))
+        keeps = saved_inputs(graph, op)
+        kept = [(tid, p) for i, (tid, p) in enumerate(zip(in_ids, ins)) if i in keeps]
+        if saves_output(op):
+            kept += list(zip(op.output_ids(), outs))
+        for tid, p in kept:
+            key = (tid, p)
+            if region is not None:
+                region.saved.setdefault(key, tensor_bytes(tid, p))
+            else:
+                other.append((op.index, key, tensor_bytes(tid, p)))
+        working = max(working, working_bytes(graph, op, ins, outs, mesh))
+    # The loss is brought to Replicate at the end of forward, as codegen does (a scalar: latency only).
+    out_id = graph.output_ids()[0]
+    t = graph.tensors[out_id]
+    loss = redistribution_cost(t.shape, dtype_bytes(t.dtype), resolved.stored[out_id],
+                               (REPLICATE,) * len(mesh.shape), mesh, hw, t.requires_grad)
+    comm += loss.forward_s + loss.backward_s
+    for phase, steps in (("forward", loss.forward), ("backward", loss.backward)):
+        for kind, axis, nbytes, sec in steps:
+            records.append(CollectiveRecord(graph.ops[-1].index, out_id, kind, axis, mesh.shape[axis], nbytes, sec,
+                                            phase, None))
+    static = {"parameters": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    sync = opt_s = 0.0
+    for tid in graph.parameters.values():
+        t = graph.tensors[tid]
+        state = stored_param_state(t, resolved.stored[tid], mesh, hw, dp_size, zero, accumulation)
+        static["parameters"] += state.parameters
+        static["gradients"] += state.gradients
+        static["optimizer"] += state.optimizer
+        sync += state.sync_s
+        opt_s += state.optimizer_s
+    return PlanAnalysis(compute, comm, flops, static, sync, opt_s, working, region_info, other, records, dp_size,
+                        hw.name)
+
+
+def estimate(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile | str | None = None, dp_size: int = 1,
+             zero: bool = True, accumulation: int = 1) -> Estimate:
+    """Estimated step time (compute / communication split) and peak memory per GPU by category.
+
+    ``hw`` is a profile, a profile name or path, or None for ``default_hw_profile()``;
+    ``dp_size`` is the number of data-parallel copies (runtime_ngpus // plan_ngpus);
+    ``accumulation`` the micro-batches per optimizer step.
+    """
+    profile = load_hw_profile(hw)
+    return analyze(graph, resolved, profile, dp_size, zero,
+                   accumulation=accumulation).estimate(list(resolved.plan.recompute_scopes))

@@ -1,0 +1,1 @@
+"""Checkpoints: sharded saves and their commit protocol, merged files, RNG states, Hugging Face weights."""
