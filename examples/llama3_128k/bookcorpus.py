@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dimshard.cli import UserInputError, looks_like_local_path, parse_dataclass_args
+from dimshard.runtime.data.spec import load_tokenizer
 
 # Extension of a local data file -> the datasets builder that reads it.
 DATA_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -156,25 +157,6 @@ def load_corpus(args: CorpusArgs) -> Any:
                              f"name, --dataset_config_name and --split, or pass local data files") from None
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """Load a tokenizer with AutoTokenizer; it must define an EOS token (raises UserInputError)."""
-    from transformers import AutoTokenizer
-
-    path = Path(name_or_path).expanduser()
-    if not path.exists() and looks_like_local_path(name_or_path):
-        raise UserInputError(f"--tokenizer_path_or_name {name_or_path}: no such folder; pass a tokenizer "
-                             f"folder (e.g. one written by demo_data.py) or a hub id")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
-    except (OSError, ValueError) as error:
-        raise UserInputError(f"could not load tokenizer {name_or_path!r} ({error}); pass a folder "
-                             f"with tokenizer.json / tokenizer_config.json, or a reachable hub id") from None
-    if tokenizer.eos_token_id is None:
-        raise UserInputError(f"tokenizer {name_or_path!r} has no EOS token, so documents could not be "
-                             f"separated; set eos_token in its tokenizer_config.json or use another tokenizer")
-    return tokenizer
-
-
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, text_column: str, bos_token_id: int | None,
                     eos_token_id: int) -> dict[str, list[list[int]]]:
     """[bos] + tokens + [eos] per document; an empty or missing text gives an empty list (skipped)."""
@@ -284,7 +266,7 @@ def prepare_dataset(args: CorpusArgs) -> Any:
         raise UserInputError(f"--save_path {save_path} exists and is not a saved dataset; pick a new or "
                              f"empty folder so that nothing else there is overwritten")
 
-    tokenizer = load_tokenizer(args.tokenizer_path_or_name)
+    tokenizer = load_tokenizer(args.tokenizer_path_or_name, flag="--tokenizer_path_or_name")
     corpus = load_corpus(args)
     if args.max_samples is not None:
         corpus = corpus.select(range(min(args.max_samples, len(corpus))))

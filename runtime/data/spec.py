@@ -220,21 +220,23 @@ def has_text(dataset: Any, text_column: str, rows: int = EMPTY_CHECK_ROWS) -> bo
     return False
 
 
-def load_tokenizer(name: str) -> Any:
-    """A fast tokenizer (AutoTokenizer) with an EOS token; raises DataSpecError saying what to pass."""
+def load_tokenizer(name: str, flag: str = "--tokenizer") -> Any:
+    """A fast tokenizer (AutoTokenizer) with an EOS token; raises DataSpecError (a UserInputError)
+    saying what to pass, naming the command-line ``flag`` that gave ``name``."""
     from transformers import AutoTokenizer
 
-    if not Path(name).expanduser().exists() and looks_like_local_path(name):
-        raise DataSpecError(f"--tokenizer {name}: no such folder; pass a tokenizer folder or hub id")
+    path = Path(name).expanduser()
+    if not path.exists() and looks_like_local_path(name):
+        raise DataSpecError(f"{flag} {name}: no such folder; pass a tokenizer folder (e.g. one written by "
+                            "demo_data.py) or a hub id")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if Path(name).expanduser().exists()
-                                                  else name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name)
     except (OSError, ValueError) as error:
         raise DataSpecError(f"could not load tokenizer {name!r} ({str(error).splitlines()[0][:200]}); pass "
-                            f"--tokenizer with a folder holding tokenizer.json, or a reachable hub id") from None
+                            f"{flag} with a folder holding tokenizer.json, or a reachable hub id") from None
     if tokenizer.eos_token_id is None:
         raise DataSpecError(f"tokenizer {name!r} has no EOS token, so packed documents could not be told apart; "
-                            f"set eos_token in its tokenizer_config.json or pass another --tokenizer")
+                            f"set eos_token in its tokenizer_config.json or pass another {flag}")
     return tokenizer
 
 
