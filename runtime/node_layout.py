@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 __all__ = ["NodeLayoutError", "RankPlace", "check_node_layout", "layout_error", "spans_nodes"]
 
-README = 'examples/llama3_128k/README.md, "Several nodes"'
+SEVERAL_NODES_DOCS = 'examples/llama3_128k/README.md, "Several nodes"'
 
 
 class NodeLayoutError(ValueError):
@@ -71,9 +71,11 @@ def check_node_layout(plan: Mapping[str, Any], rank: int, world_size: int) -> in
     nodes = len({p.node for p in places})
     planned = (plan.get("nodes") or {}).get("gpus_per_node")
     if rank == 0 and planned and planned != places[0].local_world_size:
-        print(f"[dimshard] note: {nodes} nodes of {places[0].local_world_size} processes; the plan was costed for "
-              f"{_gpus(planned)} per node (hardware profile {plan['nodes'].get('hw_profile')}), so its estimate "
-              "prices the links between nodes for another layout", file=sys.stderr, flush=True)
+        launched = places[0].local_world_size
+        print(f"[dimshard] note: this launch runs {launched} process{'es' if launched != 1 else ''} on each of "
+              f"{nodes} nodes, but the plan was costed for {_gpus(planned)} per node (hardware profile "
+              f"{plan['nodes'].get('hw_profile')}): its estimate prices the links between nodes for another layout",
+              file=sys.stderr, flush=True)
     return nodes
 
 
@@ -96,7 +98,7 @@ def layout_error(plan: Mapping[str, Any], places: Sequence[RankPlace]) -> str:
         if place.plan_fingerprint != first.plan_fingerprint:
             return (f"rank {rank} ({place.node}, {place.host}) reads another compile output than rank 0 (plan "
                     f"{str(place.plan_fingerprint)[:12]} vs {str(first.plan_fingerprint)[:12]}): every node must read "
-                    f"the one compile output: put --compile_dir on a file system all nodes share ({README})")
+                    f"the one compile output: put --compile_dir on a file system all nodes share ({SEVERAL_NODES_DOCS})")
     entry = plan.get("nodes")
     if not entry:  # a compile output of an older version records no node size: nothing to check against
         return ""
@@ -111,13 +113,13 @@ def layout_error(plan: Mapping[str, Any], places: Sequence[RankPlace]) -> str:
                 nodes = sorted({places[r].node for r in ranks})
                 if len(nodes) == 1:
                     continue
-                kept = (f"the plan keeps mesh axis '{axis}' (size {size}) inside a node, but this launch puts its "
-                        f"ranks {ranks} on {' and '.join(nodes)}")
+                kept = (f"keeps mesh axis '{axis}' (size {size}) inside a node, which this launch splits (ranks "
+                        f"{ranks} on {' and '.join(nodes)})")
                 if launched != per_node:
                     return (f"--nproc_per_node {launched} gives {_gpus(launched)} per node, but the plan was costed "
-                            f"for {per_node} per node (hardware profile {entry.get('hw_profile')}): {kept}; compile "
-                            f"with --hw_profile <a profile JSON with \"gpus_per_node\": {launched}> or launch "
-                            f"{per_node} per node")
-                return (f"{kept}: copies of plan_ngpus {plan_ngpus} do not line up with nodes of {per_node} GPUs; "
-                        f"compile with a --plan_ngpus that divides {per_node} or is a multiple of it")
+                            f"for {per_node} per node (hardware profile {entry.get('hw_profile')}) and {kept}: "
+                            f"compile with --hw_profile <a profile JSON with \"gpus_per_node\": {launched}> or "
+                            f"launch {per_node} per node")
+                return (f"the plan {kept}: copies of plan_ngpus {plan_ngpus} do not line up with nodes of {per_node} "
+                        f"GPUs; compile with a --plan_ngpus that divides {per_node} or is a multiple of it")
     return ""

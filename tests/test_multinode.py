@@ -11,6 +11,7 @@ plan report of Llama-3-8B on 16 and 32 GPUs says which mesh axes cross nodes and
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
+from mini_run import prepare_mini_run
 
 from dimshard.runtime.checkpointing.commit import CheckpointError
 from dimshard.runtime.node_layout import RankPlace, layout_error
@@ -44,18 +46,10 @@ def _python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A tokenizer, a packed dataset, a 2-layer mini Llama (as tests/test_train_e2e.py builds them) and
+    """A tokenizer, a packed dataset, a 2-layer mini Llama (tests/mini_run.py) and
     hardware profiles of 1 and 2 GPUs per node."""
     work = tmp_path_factory.mktemp("multinode")
-    _python(str(EXAMPLE / "demo_data.py"), "--output_dir", str(work / "corpus"), "--max_chars", "100000",
-            "--vocab_size", "512")
-    _python(str(EXAMPLE / "bookcorpus.py"), "--data_path_or_name", str(work / "corpus" / "corpus.jsonl"),
-            "--tokenizer_path_or_name", str(work / "corpus" / "tokenizer"), "--save_path", str(work / "data"),
-            "--sequence_length", str(SEQ))
-    _python(str(EXAMPLE / "create_mini_model.py"), "--model_id", str(EXAMPLE / "configs" / "llama3_8b.json"),
-            "--output_id", str(work / "model"), "--num_hidden_layers", "2", "--hidden_size", "64",
-            "--intermediate_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
-            "--vocab_size", "512", "--tokenizer_path", str(work / "corpus" / "tokenizer"))
+    prepare_mini_run(work, _python, SEQ, max_chars=100000)
     h100 = json.loads((PROFILES / "h100.json").read_text())
     for per_node in (1, 2):
         profile = {**h100, "name": f"h100_{per_node}_per_node", "gpus_per_node": per_node}
@@ -116,8 +110,8 @@ DP_ACROSS = ["--plan_ngpus", "1", "--runtime_ngpus", "2", "--policy", "dp", "--m
 
 @pytest.fixture(scope="module")
 def reference(workdir) -> list[float]:
-    """Six steps of one process (global batch 4), checkpointed at step 3."""
-    _python(*_flags(workdir, "single", *SINGLE, "--max_steps", "6", "--checkpoint_interval", "3"))
+    """Six steps of one process (global batch 4)."""
+    _python(*_flags(workdir, "single", *SINGLE, "--max_steps", "6", "--checkpoint_dir", ""))
     return _losses(workdir, "single")
 
 
@@ -188,7 +182,7 @@ def test_checkpoint_folders_that_nodes_do_not_share_are_refused_on_every_rank(tm
     assert run_distributed(_shared_check, 2, str(tmp_path), False, False) == ["", ""]
     errors = run_distributed(_shared_check, 2, str(tmp_path), True, False)
     assert all("is not there on" in e and "--checkpoint_dir" in e and "every node shares" in e for e in errors), errors
-    errors = run_distributed(_shared_check, 2, str(tmp_path), True, True)
+    errors = run_distributed(_shared_check, 2, str(tmp_path), False, True)
     assert errors[0] == errors[1] and "resume from different checkpoints" in errors[0], errors
 
 
@@ -197,7 +191,7 @@ def _places(nodes: list[str], per_node: int, fingerprint: str = "f") -> list[Ran
 
 
 def _plan(shape: dict[str, int], axis_groups: dict, across: list[str], per_node: int = 8) -> dict:
-    return {"plan_ngpus": 1 if not shape else int(torch.tensor(list(shape.values())).prod()),
+    return {"plan_ngpus": math.prod(shape.values()),
             "mesh": {"axis_names": list(shape), "shape": list(shape.values())}, "axis_groups": axis_groups,
             "nodes": {"hw_profile": "h100", "gpus_per_node": per_node, "axes_across_nodes": across}}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mini_run import prepare_mini_run
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "llama3_128k"
@@ -41,15 +42,7 @@ def _python(*args: str, check: bool = True, timeout: int = 300, cwd: Path = ROOT
 def workdir(tmp_path_factory) -> Path:
     """A tokenizer, a packed dataset and a 2-layer mini Llama, built offline."""
     work = tmp_path_factory.mktemp("e2e")
-    _python(str(EXAMPLE / "demo_data.py"), "--output_dir", str(work / "corpus"), "--max_chars", "200000",
-            "--vocab_size", "512")
-    _python(str(EXAMPLE / "bookcorpus.py"), "--data_path_or_name", str(work / "corpus" / "corpus.jsonl"),
-            "--tokenizer_path_or_name", str(work / "corpus" / "tokenizer"), "--save_path", str(work / "data"),
-            "--sequence_length", str(SEQ))
-    _python(str(EXAMPLE / "create_mini_model.py"), "--model_id", str(EXAMPLE / "configs" / "llama3_8b.json"),
-            "--output_id", str(work / "model"), "--num_hidden_layers", "2", "--hidden_size", "64",
-            "--intermediate_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
-            "--vocab_size", "512", "--tokenizer_path", str(work / "corpus" / "tokenizer"))
+    prepare_mini_run(work, _python, SEQ, max_chars=200000)
     return work
 
 

@@ -304,7 +304,7 @@ def _train_under_torchrun(args: TrainArgs, use_gpu: bool) -> None:
             raise
         raise UserInputError(f"--compile_dir {args.compile_dir} holds no plan.json on {socket.gethostname()}, though "
                              "rank 0 has one there: every node must read the one compile output: put it on a file "
-                             "system all nodes share (README.md, \"Several nodes\")") from None
+                             "system all nodes share (examples/llama3_128k/README.md, \"Several nodes\")") from None
     ctx = init_parallel(plan)
     try:
         with out_of_memory_guard(plan, ctx.device, ctx.rank):  # loading allocates too; steps say their number
