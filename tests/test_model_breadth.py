@@ -206,7 +206,9 @@ def write_table(report: dict[str, dict[str, Any]], path: Path) -> None:
         "class is listed. **supported**: a tiny model of the family traces, compiles under `tp` and `tp_sp` for 2 "
         "ranks, and its loss and gradients on 2 processes equal the Hugging Face model's own (one process; its sdpa "
         f"attention, or eager where it has none) within {TOL:g} (loss) and {GRAD_TOL:g} of each gradient's largest "
-        "entry (tests/test_model_breadth.py). Mixture-of-experts families are refused at compile "
+        "entry (tests/test_model_breadth.py); and a `save_pretrained` folder of it loads into `train.py`, trains, "
+        "merges and exports a folder that `from_pretrained` loads with the trained weights "
+        "(tests/test_family_roundtrip.py). Mixture-of-experts families are refused at compile "
         "time; the others are not dense decoder-only LMs or need more than dimshard's ops, for the reason given.",
         "",
         f"{counts['ok']} supported, {counts['failed']} failing, {counts['moe']} mixture of experts, "
