@@ -83,8 +83,8 @@ def test_family_loads_trains_and_exports(family, scripts, dataset, tmp_path, mon
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     init_weights = train._init_weights
 
-    def record_step_0(module, args):
-        init_weights(module, args)
+    def record_step_0(module, args, plan):
+        init_weights(module, args, plan)
         loaded["parameters"] = {lp.name: lp.param.detach().clone() for lp in module.local_parameters()}
         loaded["buffers"] = {name: value.clone() for name, value in module.full_buffers().items()}
 

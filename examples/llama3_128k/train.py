@@ -196,11 +196,11 @@ def compile_is_current(args: TrainArgs, for_gpu: bool) -> tuple[bool, str]:
     return compile_status(args.compile_dir, config)
 
 
-def _init_weights(module: object, args: TrainArgs) -> None:
+def _init_weights(module: object, args: TrainArgs, plan: dict) -> None:
     """Load weights from the model folder, or draw them (seeded per parameter) when it has none.
 
     A folder is read the way transformers' from_pretrained reads it: each parameter under the key
-    plan.json records for it (``checkpoint_name``: GPT-NeoX's ``lm_head`` is ``embed_out`` on
+    ``plan`` (plan.json) records for it (``checkpoint_name``: GPT-NeoX's ``lm_head`` is ``embed_out`` on
     disk), and the persistent buffers it holds (Gemma 4's ``layer_scalar``) over the compile
     output's values.
     """
@@ -212,10 +212,9 @@ def _init_weights(module: object, args: TrainArgs) -> None:
         read_buffers,
         slice_reader,
     )
-    from dimshard.runtime.module import read_plan, take_slice
+    from dimshard.runtime.module import take_slice
 
     if has_weights(args.model_id):
-        plan = read_plan(args.compile_dir)
         try:
             module.load_full_state_dict(slice_reader(args.model_id, plan_checkpoint_names(plan)))
             module.load_buffers(read_buffers(args.model_id, plan), strict=False)
@@ -328,7 +327,7 @@ def _load_and_train(args: TrainArgs, plan: dict, ctx: ParallelContext) -> TrainR
         check_shared_checkpoints(config.checkpoint_dir, source, ctx.rank, ctx.world_size)
     module = load_parallel_module(args.compile_dir, ctx)
     if source is None:  # a fresh start, also for --resume_path auto without a checkpoint
-        _init_weights(module, args)
+        _init_weights(module, args, plan)
     dataset = _data_spec(args) or _open_dataset(args.dataset_path, plan["model_stats"]["seq_len"])
     model_config = load_config(args.model_id).to_dict()
     return train(config, module, ctx, dataset, plan, model_config=model_config)
