@@ -25,10 +25,14 @@ Memory per GPU, at the peak of a training step:
   except ops whose backward needs no values: views, casts, additions, concatenations, means and
   sums, and a product with a constant (the record's ``saves``). Attention keeps its output as
   well. A tensor kept by several ops counts once. A recomputed scope keeps only its inputs;
-- the transient: while a recomputed scope is run again in backward its kept activations come back
-  (the peak checks every such moment, with the activations of earlier ops still held), plus a
-  working set: the largest gradient-carrying op's local inputs and outputs (their gradients are
-  alive while it runs backward) and a custom loss's chunk of logits.
+- the transient, from a sweep over the backward: while an op runs backward it holds its working
+  set (the gradients of its local inputs and outputs, and a custom loss's chunk of logits) on
+  top of the activations still kept, those whose first saving op comes no later (a saved tensor
+  is freed by the backward of the first op that saves it). A recomputed scope brings back what
+  it saves when its backward starts, less what is kept anyway (its inputs), and frees it the same
+  way, so the down projection's input is gone before the SwiGLU's backward allocates its
+  gradients. The peak is the largest moment: the start of backward, an op's backward, or a
+  scope just recomputed.
 
 ``GB`` in this module is 10^9 bytes.
 """
@@ -127,6 +131,7 @@ class _Region:
     forward_comm_s: float = 0.0
     forward_flops: float = 0.0
     saved: dict[tuple, float] = field(default_factory=dict)  # kept for backward when not recomputed
+    saved_at: dict[tuple, int] = field(default_factory=dict)  # the first op saving each: its backward frees it
     inputs: dict[tuple, float] = field(default_factory=dict)  # kept when recomputed
     produced: set[int] = field(default_factory=set)  # tensors its ops write
 
@@ -146,6 +151,7 @@ class PlanAnalysis:
     optimizer_s: float
     working_bytes: float
     regions: dict[str, _Region]
+    working: list[tuple[int, str | None, float]]  # (op index, its region, working bytes) of ops with any
     other_saved: list[tuple[int, tuple, float]]  # (op index, key, bytes) kept outside every region
     collectives: list[CollectiveRecord]
     dp_size: int
@@ -169,10 +175,11 @@ class PlanAnalysis:
 
         A recomputed scope keeps only what flows into it from outside, so a decoder layer analysed
         as two regions (the layer's own ops and its MLP) and recomputed whole keeps its input only.
+        The peak is the largest of the moments of the backward sweep (see the module docstring).
         """
         groups = self._recomputed_groups(recompute_scopes)
-        covered = {r.scope for members in groups.values() for r in members}
-        kept: dict[tuple, tuple[int, float]] = {}  # key -> (position, bytes); first position wins
+        group_of = {r.scope: scope for scope, members in groups.items() for r in members}
+        kept: dict[tuple, tuple[int, float]] = {}  # key -> (position that frees it, bytes); first wins
 
         def keep(key: tuple, pos: int, nbytes: float) -> None:
             if key not in kept or kept[key][0] > pos:
@@ -181,33 +188,44 @@ class PlanAnalysis:
         for pos, key, nbytes in self.other_saved:
             kept.setdefault(key, (pos, nbytes))
         for region in self.regions.values():
-            if region.scope not in covered:
+            if region.scope not in group_of:
                 for key, nbytes in region.saved.items():
-                    keep(key, region.start + 1, nbytes)
-        starts, again_bytes = {}, {}
-        for scope, members in groups.items():
+                    keep(key, region.saved_at.get(key, region.start), nbytes)
+        for members in groups.values():
             produced = set().union(*(r.produced for r in members))
-            starts[scope] = min(r.start for r in members)
-            again_bytes[scope] = sum(sum(r.saved.values()) for r in members)
+            start = min(r.start for r in members)
             for r in members:
                 for key, nbytes in r.inputs.items():
                     if key[0] not in produced:
-                        keep(key, starts[scope], nbytes)
-        order = sorted(kept.values())
-        positions = [p for p, _ in order]
-        prefix = [0.0]
-        for _, b in order:
-            prefix.append(prefix[-1] + b)
+                        keep(key, start, nbytes)
+        # What each recomputed scope brings back, less what is held anyway (its inputs, tensors
+        # others keep): freed, like any saved tensor, by the backward of the first op saving it.
+        again: dict[str, list[tuple[int, float]]] = {}
+        for scope, members in groups.items():
+            found: dict[tuple, tuple[int, float]] = {}
+            for r in members:
+                for key, nbytes in r.saved.items():
+                    pos = r.saved_at.get(key, r.start)
+                    if key not in kept and (key not in found or found[key][0] > pos):
+                        found[key] = (pos, nbytes)
+            again[scope] = sorted(found.values())
+        held = _Prefix(sorted(kept.values()))
+        back = {scope: _Prefix(entries) for scope, entries in again.items()}
+        # Moments: each op's backward with its working set; each recomputed scope just recomputed.
+        moments = [(j, group_of.get(region) if region is not None else None, w, region)
+                   for j, region, w in self.working]
+        moments += [(entries[-1][0], scope, 0.0, scope) for scope, entries in again.items() if entries]
         memory = dict(self.static)
-        memory.update(activations=prefix[-1], recompute=0.0, working=self.working_bytes)
-        phase = "start of backward"
-        best = prefix[-1]
-        for scope in groups:
-            before = prefix[bisect.bisect_right(positions, starts[scope])]
-            again = again_bytes[scope]
-            if before + again > best:
-                best, phase = before + again, f"recomputing {scope}"
-                memory.update(activations=before, recompute=again)
+        memory.update(activations=held.total, recompute=0.0, working=0.0)
+        best, phase = held.total, "start of backward"
+        for j, group, w, region in moments:
+            a = held.upto(j)
+            r = back[group].upto(j) if group is not None else 0.0
+            if a + r + w > best:
+                best = a + r + w
+                phase = (f"recomputing {group}" if group is not None
+                         else f"backward of {region}" if region is not None else "start of backward")
+                memory.update(activations=a, recompute=r, working=w)
         members = [r for group in groups.values() for r in group]
         extra_c = sum(r.forward_compute_s for r in members)
         extra_m = sum(r.forward_comm_s for r in members)
@@ -218,6 +236,20 @@ class PlanAnalysis:
             flops=self.flops + extra_f, model_flops=self.flops, recompute_scopes=list(recompute_scopes),
             collectives=self.collectives, dp_size=self.dp_size, hw_name=self.hw_name,
         )
+
+
+class _Prefix:
+    """Sums of (position, bytes) entries: ``upto(j)`` is the bytes of entries at positions <= j."""
+
+    def __init__(self, entries: list[tuple[int, float]]) -> None:
+        self.positions = [p for p, _ in entries]
+        self.sums = [0.0]
+        for _, nbytes in entries:
+            self.sums.append(self.sums[-1] + nbytes)
+        self.total = self.sums[-1]
+
+    def upto(self, position: int) -> float:
+        return self.sums[bisect.bisect_right(self.positions, position)]
 
 
 def _region_of(scope: str, regions: list[str]) -> str | None:
@@ -246,6 +278,7 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
     compute = comm = flops = 0.0
     working = 0.0
     other: list[tuple[int, tuple, float]] = []
+    working_ops: list[tuple[int, str | None, float]] = []
     records: list[CollectiveRecord] = []
     seen_redistribution: set[tuple] = set()
 
@@ -294,9 +327,13 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
             key = (tid, p)
             if region is not None:
                 region.saved.setdefault(key, tensor_bytes(tid, p))
+                region.saved_at.setdefault(key, op.index)
             else:
                 other.append((op.index, key, tensor_bytes(tid, p)))
-        working = max(working, working_bytes(graph, op, ins, outs, mesh))
+        op_working = working_bytes(graph, op, ins, outs, mesh)
+        if op_working:
+            working_ops.append((op.index, scope, op_working))
+        working = max(working, op_working)
     # The loss is brought to Replicate at the end of forward, as codegen does (a scalar: latency only).
     out_id = graph.output_ids()[0]
     t = graph.tensors[out_id]
@@ -317,8 +354,8 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         static["optimizer"] += state.optimizer
         sync += state.sync_s
         opt_s += state.optimizer_s
-    return PlanAnalysis(compute, comm, flops, static, sync, opt_s, working, region_info, other, records, dp_size,
-                        hw.name)
+    return PlanAnalysis(compute, comm, flops, static, sync, opt_s, working, region_info, working_ops, other, records,
+                        dp_size, hw.name)
 
 
 def estimate(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile | str | None = None, dp_size: int = 1,
