@@ -73,7 +73,7 @@ def _rotary_annotation(call: object) -> str:
     return f"b {heads} l d^, b g l d^, {table}, {table} -> b {heads} l d^, b g l d^"
 
 
-@register_op(_rotary_annotation)
+@register_op(_rotary_annotation, saves="non_differentiable")  # its backward needs cos and sin only
 def apply_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

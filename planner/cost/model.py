@@ -42,7 +42,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from ..graph.ir import ACTIVATION, Graph, dtype_bytes
+from ..graph.ir import ACTIVATION, INPUT, Graph, dtype_bytes
 from ..graph.layers import decoder_layer_scopes
 from ..graph.scopes import outermost_scopes, scopes_within
 from ..plan.placements import REPLICATE, ResolvedPlan, TensorPlacement
@@ -152,6 +152,7 @@ class PlanAnalysis:
     working_bytes: float
     regions: dict[str, _Region]
     working: list[tuple[int, str | None, float]]  # (op index, its region, working bytes) of ops with any
+    gradients: list[float]  # per op index: gradients alive while it runs backward, besides its own
     other_saved: list[tuple[int, tuple, float]]  # (op index, key, bytes) kept outside every region
     collectives: list[CollectiveRecord]
     dp_size: int
@@ -219,7 +220,7 @@ class PlanAnalysis:
         memory.update(activations=held.total, recompute=0.0, working=0.0)
         best, phase = held.total, "start of backward"
         for j, group, w, region in moments:
-            a = held.upto(j)
+            a = held.upto(j) + self.gradients[j]
             r = back[group].upto(j) if group is not None else 0.0
             if a + r + w > best:
                 best = a + r + w
@@ -236,6 +237,61 @@ class PlanAnalysis:
             flops=self.flops + extra_f, model_flops=self.flops, recompute_scopes=list(recompute_scopes),
             collectives=self.collectives, dp_size=self.dp_size, hw_name=self.hw_name,
         )
+
+
+def _storage_root(graph: Graph, tid: int, roots: dict[int, int]) -> int:
+    """The tensor whose storage ``tid`` shares: through views to their base, and through the
+    ``contiguous()`` of an attention output's transpose, which is a view too: attention kernels
+    write their output sequence-major ([b, l, h, d]), so Hugging Face's
+    ``out.transpose(1, 2).contiguous()`` copies nothing. Only activations and inputs are followed.
+    """
+    if tid in roots:
+        return roots[tid]
+    root = tid
+    producer = graph.tensors[tid].producer
+    if producer is not None:
+        op = graph.ops[producer]
+        ins = [i for i in op.input_ids() if graph.tensors[i].kind in (ACTIVATION, INPUT)]
+        if len(ins) == 1 and len(op.output_ids()) == 1:
+            base = _storage_root(graph, ins[0], roots)
+            made = graph.tensors[base].producer
+            if op.record.cost == "view" or (op.name == "torch.Tensor.contiguous" and made is not None
+                                            and graph.ops[made].record.cost == "attention"):
+                root = base
+    roots[tid] = root
+    return root
+
+
+def _gradients_in_flight(graph: Graph, resolved: ResolvedPlan, tensor_bytes) -> list[float]:
+    """Per op index j: bytes of gradients alive while op j runs backward, other than those of its own
+    inputs and outputs (its working set): a tensor's gradient exists from the backward of its last
+    reader until that of its producer, e.g. the residual stream's past the whole MLP.
+    """
+    n = len(graph.ops)
+    delta = [0.0] * (n + 1)
+    readers: dict[int, list[int]] = {}
+    for op in graph.ops:
+        for tid in set(op.input_ids()):
+            readers.setdefault(tid, []).append(op.index)
+    live = [0.0] * n
+    for tid, ops in readers.items():
+        t = graph.tensors[tid]
+        if t.kind != ACTIVATION or not t.requires_grad or not t.dtype.is_floating_point or t.producer is None:
+            continue
+        last = max(ops)
+        if last <= t.producer + 1:
+            continue
+        nbytes = tensor_bytes(tid, resolved.stored[tid])
+        delta[t.producer + 1] += nbytes
+        delta[last] -= nbytes
+        for j in ops:  # a reader's own input gradient is in its working set
+            if t.producer < j < last:
+                live[j] -= nbytes
+    running = 0.0
+    for j in range(n):
+        running += delta[j]
+        live[j] += running
+    return live
 
 
 class _Prefix:
@@ -285,6 +341,16 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
     def tensor_bytes(tid: int, placement: TensorPlacement) -> float:
         return local_bytes(graph.tensors[tid], placement, mesh)
 
+    roots: dict[int, int] = {}
+
+    def storage(tid: int, placement: TensorPlacement) -> tuple[tuple, float]:
+        """The key and bytes of what keeping ``tid`` (read in ``placement``) holds: its storage's."""
+        if placement == resolved.stored[tid]:
+            root = _storage_root(graph, tid, roots)
+            if root != tid:
+                tid, placement = root, resolved.stored[root]
+        return (tid, placement), tensor_bytes(tid, placement)
+
     # Op scope -> its region: a few hundred scopes for thousands of ops.
     region_of = {s: _region_of(s, regions) for s in {op.scope for op in graph.ops}}
     for op in graph.ops:
@@ -306,7 +372,8 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
             if region is not None and t.kind == ACTIVATION and t.producer is not None \
                     and region_of[graph.ops[t.producer].scope] != scope:
                 # Checkpointing keeps what flows into the scope, as it was stored.
-                region.inputs[(tid, have)] = tensor_bytes(tid, have)
+                key, nbytes = storage(tid, have)
+                region.inputs[key] = nbytes
             if have == want or (tid, want, scope) in seen_redistribution:
                 continue
             # Codegen emits one redistribution per (tensor, placement) and block; later readers reuse it.
@@ -324,12 +391,12 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         if saves_output(op):
             kept += list(zip(op.output_ids(), outs))
         for tid, p in kept:
-            key = (tid, p)
+            key, nbytes = storage(tid, p)
             if region is not None:
-                region.saved.setdefault(key, tensor_bytes(tid, p))
+                region.saved.setdefault(key, nbytes)
                 region.saved_at.setdefault(key, op.index)
             else:
-                other.append((op.index, key, tensor_bytes(tid, p)))
+                other.append((op.index, key, nbytes))
         op_working = working_bytes(graph, op, ins, outs, mesh)
         if op_working:
             working_ops.append((op.index, scope, op_working))
@@ -354,8 +421,8 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         static["optimizer"] += state.optimizer
         sync += state.sync_s
         opt_s += state.optimizer_s
-    return PlanAnalysis(compute, comm, flops, static, sync, opt_s, working, region_info, working_ops, other, records,
-                        dp_size, hw.name)
+    return PlanAnalysis(compute, comm, flops, static, sync, opt_s, working, region_info, working_ops,
+                        _gradients_in_flight(graph, resolved, tensor_bytes), other, records, dp_size, hw.name)
 
 
 def estimate(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile | str | None = None, dp_size: int = 1,

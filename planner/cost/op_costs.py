@@ -96,6 +96,8 @@ def saved_inputs(graph: Graph, op: Op) -> list[int]:
         # x * y keeps x only when y needs a gradient, and the other way round.
         grads = [graph.tensors[t].requires_grad for t in in_ids]
         keep = [i for i in keep if any(g for j, g in enumerate(grads) if j != i)]
+    elif saved == "non_differentiable":
+        keep = [i for i in keep if not graph.tensors[in_ids[i]].requires_grad]
     return keep
 
 

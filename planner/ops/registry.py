@@ -83,6 +83,7 @@ SAVES = {
     "inputs": "its activation and input-tensor arguments",
     "nothing": "no values, only shapes and dtypes (views, casts, additions, concatenations, means, sums)",
     "other_operand": "each operand only when the other needs a gradient (products and quotients)",
+    "non_differentiable": "only its arguments that need no gradient (rotary's position tables)",
     "inputs_and_output": "its activation inputs and its output (attention)",
 }
 _DEFAULT_SAVES = {"view": "nothing", "cast": "nothing", "copy": "nothing", "attention": "inputs_and_output"}
