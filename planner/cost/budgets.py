@@ -54,7 +54,7 @@ GB = 1e9
 # Margins for a profile that has none measured: the one-H100 machine's (planner/cost/hw_profiles/h100.json,
 # memory_margin_source), rounded up, until benchmarks/memory_margin.py runs on that hardware.
 FALLBACK_GPU_CONTEXT_GB = 1.5
-FALLBACK_RESERVED_OVER_ESTIMATE = 0.05
+FALLBACK_RESERVED_OVER_ESTIMATE = 0.09
 FALLBACK_HOST_OS_GB = 1.0
 FALLBACK_HOST_PROCESS_GB = 4.5
 # Memory in use on the card beyond this process's own estimate counts as another process's only above
