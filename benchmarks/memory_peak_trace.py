@@ -36,7 +36,8 @@ def _where(frames: list[dict]) -> str:
 
 
 def _backward(frames: list[dict]) -> bool:
-    return any("backward" in f.get("name", "") or "autograd" in f.get("filename", "") for f in frames)
+    # ``Tensor.backward`` or a custom op's ``backward`` is on the stack (a forward ``Function.apply`` is not).
+    return any(f.get("name") in ("backward", "_engine_run_backward") for f in frames)
 
 
 def peak_blocks(trace: list[dict]) -> tuple[int, dict[int, dict], dict | None]:

@@ -238,3 +238,85 @@ def test_a_collective_no_profile_has_measured_is_priced_like_the_kind_it_names(m
     monkeypatch.setitem(collectives.COLLECTIVES_TABLE, "new_gather", dataclasses.replace(new, priced_like=None))
     with pytest.raises(ValueError, match="busbw_gbps has no 'new_gather'"):
         HardwareProfile.from_dict(data)
+
+
+class _SwiGLUMLP(torch.nn.Module):
+    def __init__(self, d: int, f: int) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(d, f, bias=False)
+        self.up = torch.nn.Linear(d, f, bias=False)
+        self.down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        from dimshard.kernels import swiglu
+
+        return self.down(swiglu(self.gate(h), self.up(h)))
+
+
+class _GatedMLP(torch.nn.Module):
+    """h = x + bias, then a SwiGLU MLP of width f under the scope ``mlp``: the backward is hand-countable."""
+
+    def __init__(self, d: int, f: int, residual: bool = False) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(d))
+        self.mlp = _SwiGLUMLP(d, f)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.bias
+        return (h + self.mlp(h)).sum() if self.residual else self.mlp(h).sum()
+
+
+def test_the_backward_sweep_frees_what_each_backward_is_done_with():
+    # Tokens t, width d, MLP width f >> d, fp32: every [t, f] tensor is 4*t*f bytes.
+    t, d, f = 64, 8, 1024
+    wide = 4 * t * f
+    graph = trace(_GatedMLP(d, f), {"x": torch.randn(t, d)}, output_fn=lambda out: out)
+    resolved = resolve_placements(graph, POLICIES["dp"](graph, PolicyContext(1)))
+    analysis = analyze(graph, resolved, HW, regions=["mlp"])
+    # Recomputed: the MLP brings back gate and up (its input h is kept anyway, not counted twice)
+    # while SwiGLU runs backward; its output was freed by the down projection's backward, and
+    # SwiGLU's working set is the gradients of gate, up and its output.
+    recomputed = analysis.estimate(["mlp"])
+    assert recomputed.peak_phase == "recomputing mlp"
+    assert recomputed.memory["recompute"] == 2 * wide
+    assert recomputed.memory["working"] == 3 * wide
+    assert recomputed.memory["activations"] == 4 * t * d  # h, the checkpoint's input
+    # Not recomputed: the same moment, with gate and up kept from the forward.
+    plain = analysis.estimate([])
+    assert plain.memory["activations"] == 4 * t * d + 2 * wide and plain.memory["working"] == 3 * wide
+    assert plain.peak_bytes == recomputed.peak_bytes
+    # With a residual h + mlp(h), h's gradient (from the addition's backward) is alive meanwhile.
+    graph = trace(_GatedMLP(d, f, residual=True), {"x": torch.randn(t, d)}, output_fn=lambda out: out)
+    resolved = resolve_placements(graph, POLICIES["dp"](graph, PolicyContext(1)))
+    with_residual = analyze(graph, resolved, HW, regions=["mlp"]).estimate(["mlp"])
+    assert with_residual.memory["activations"] == recomputed.memory["activations"] + 4 * t * d
+
+
+class _AttentionOut(torch.nn.Module):
+    """Attention whose output is read back the Hugging Face way: ``transpose(1, 2).contiguous()`` into o_proj."""
+
+    def __init__(self, heads: int, e: int) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(heads * e, 3 * heads * e, bias=False)
+        self.o_proj = torch.nn.Linear(heads * e, heads * e, bias=False)
+        self.heads, self.e = heads, e
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        y = self.qkv(x).view(b, n, 3 * self.heads, self.e).transpose(1, 2)
+        q, k, v = y[:, :self.heads], y[:, self.heads:2 * self.heads], y[:, 2 * self.heads:]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).contiguous().view(b, n, -1)).sum()
+
+
+def test_kept_views_hold_their_base_once():
+    # The attention output (kept by attention's backward) and its contiguous transpose (kept by
+    # o_proj) are one storage: attention kernels write it sequence-major. q, k and v are views of
+    # one qkv product: it is kept once, whole.
+    b, n, heads, e = 2, 32, 4, 8
+    graph = trace(_AttentionOut(heads, e), {"x": torch.randn(b, n, heads * e)}, output_fn=lambda out: out)
+    resolved = resolve_placements(graph, POLICIES["dp"](graph, PolicyContext(1)))
+    kept = analyze(graph, resolved, HW, regions=[]).estimate([])
+    one = 4 * b * n * heads * e
+    assert kept.memory["activations"] == one + 3 * one + one  # x, qkv whole, attention output

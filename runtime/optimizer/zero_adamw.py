@@ -173,9 +173,15 @@ class ZeroAdamW:
                 decay=len(lp.full_shape) > 1,
             ))
         if param_dtype is not None:
+            cast = False
             for lp in self.local_params:
                 if lp.param.dtype != param_dtype:
                     lp.param.data = lp.param.data.to(param_dtype)
+                    cast = True
+            if cast and ctx.device.type == "cuda":
+                # The full-precision copies just dropped would stay in the allocator's cache: hand
+                # them back, so that what a training step reserves is its own (the budget's margin).
+                torch.cuda.empty_cache()
         # Squared norms of replicated shards are counted once per holder inside a copy.
         self._norm_weights = [1.0 / len(self.local_params[p.index].unit_ranks) for p in self._pieces]
         if self.host_state is not None and self.update_device == "auto":
