@@ -135,6 +135,8 @@ def test_planner_imports_go_down_the_pipeline():
 def test_no_module_is_over_500_lines():
     folders = [*PACKAGES, "tools", "benchmarks", "examples"]
     files = [p for folder in folders for p in (ROOT / folder).rglob("*.py")] + list(ROOT.glob("*.py"))
+    # Run outputs (the demo's generated rank code, ./runs) are written here but are not our modules.
+    files = [p for p in files if not {"gencode", "demo_output", "runs"} & set(p.relative_to(ROOT).parts)]
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, long
 
