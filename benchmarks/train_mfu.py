@@ -5,6 +5,7 @@
         --policy auto --memory_budget_gb 80 --hw_profile h200     # rank 0 of the 8-GPU job, on one GPU
     python benchmarks/train_mfu.py --device cpu --num_layers 2 --seq_len 32 --hidden_size 64 --intermediate_size 128 \
         --num_heads 4 --num_kv_heads 2 --vocab_size 256 --steps 1 --warmup 1 --no-fused_kernels   # CPU smoke run
+    python benchmarks/train_mfu.py --num_layers 4 --seq_len 8192 --fp8 all    # the FP8 column (--fp8 auto: priced)
 
 Builds a Llama-3-8B-shaped model (hidden 4096, 32 heads, 8 KV heads, intermediate 14336,
 vocabulary 128256) with ``--num_layers`` layers, compiles it with the chunked cross-entropy loss,
@@ -76,6 +77,11 @@ class MfuArgs:
     num_heads: int = field(default=32, metadata={"help": "attention heads"})
     num_kv_heads: int = field(default=8, metadata={"help": "key/value heads"})
     vocab_size: int = field(default=128256, metadata={"help": "vocabulary size"})
+    fp8: str = field(default="off", metadata={
+        "help": "FP8 products of the linear layers: off, auto (priced per op from the hardware profile), all "
+                "(docs/design.md, \"FP8\")", "choices": ("off", "auto", "all")})
+    fp8_recipe: str = field(default="tensorwise", metadata={
+        "help": "FP8 scaling recipe", "choices": ("tensorwise", "rowwise", "rowwise_gw_hp")})
 
 
 def _budget(args: MfuArgs, cuda: bool):
@@ -164,7 +170,8 @@ def _measure(args: MfuArgs, cuda: bool) -> dict:
                                param_dtype=dtype, memory_budget_gb=budget.gb, memory_budget_source=budget.source,
                                fused_kernels=args.fused_kernels, loss="chunked_cross_entropy",
                                loss_chunk_size=args.loss_chunk_size, policy_options=options,
-                               hw_profile=args.hw_profile or (None if cuda else "cpu"))
+                               hw_profile=args.hw_profile or (None if cuda else "cpu"),
+                               fp8=args.fp8, fp8_recipe=args.fp8_recipe)
         compile_model(model, {"input_ids": ids, "labels": ids.clone()}, args.compile_dir, config)
         compile_seconds = time.perf_counter() - start
     dist.barrier()
@@ -211,6 +218,9 @@ def _measure(args: MfuArgs, cuda: bool) -> dict:
         "gpu_outside_allocator_gib": round(outside, 3), "reserved_over_allocated": round(overhead, 4),
         "host_peak_rss_gib": round(host_peak, 2), "host_rss_gib": round(host_rss, 2),
         "compile_s": compile_seconds, "loss": round(loss.item(), 4),
+        # FP8 (plan.json "fp8"): the mode, and how many linears ran in FP8 under which recipe.
+        "fp8": args.fp8, "fp8_recipe": args.fp8_recipe,
+        "linears_in_fp8": sum(op["fp8"] for op in (plan.get("fp8") or {}).get("ops", [])),
         # Under the fake group collectives cost nothing: compare its step with est_compute_only_s.
         "fake_process_group": bool(args.fake_world_size),
         # The plan's own estimate, the one its budget check used (plan.json): peak_mem_gb is GiB like est_peak_gib.

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .codegen.fp8_report import append_fp8_report
 from .codegen.rank_code import generate_rank_code, shard_holders, shard_slices
 from .codegen.report import write_plan_report
 from .compile_config import CHUNKED_LOSS, FORMAT_VERSION, MODEL_LOSS, CompileConfig
@@ -27,6 +28,7 @@ from .plan.gradient_buffers import grad_accumulation_steps, plan_entry
 from .plan.offload_plan import apply_offload_request, offload_manifest
 from .plan.placements import Plan, ResolvedPlan
 from .plan.resolve import resolve_placements
+from .search.fp8_choice import choose_fp8
 from .search.policies import PolicyContext, get_policy
 
 
@@ -178,13 +180,15 @@ def compile_model(model: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
         plan.name = config.policy
     plan = apply_offload_request(graph, plan, ctx.extra)
     resolved = resolve_placements(graph, plan)
+    # FP8 is compute only: it changes which kernel runs a linear, never a placement (docs/design.md, "FP8").
+    fp8 = choose_fp8(graph, resolved, ctx.extra["hw_profile"], config.fp8, config.fp8_recipe)
 
     gencode = output_dir / "gencode"
     if gencode.exists():
         shutil.rmtree(gencode)
     gencode.mkdir(parents=True)
     for r in range(plan.mesh.size):
-        code = generate_rank_code(graph, resolved, r, header=f"Policy: {plan.name}.")
+        code = generate_rank_code(graph, resolved, r, header=f"Policy: {plan.name}.", fp8=fp8.ops())
         (gencode / f"rank{r}.py").write_text(code)
     from safetensors.torch import save_file
 
@@ -194,8 +198,10 @@ def compile_model(model: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     est = compiled_estimate(graph, resolved, hw, ctx.extra)
     gpu_budget = gpu_budget_of(config.memory_budget_gb, config.memory_budget_source)
     write_plan_report(graph, resolved, ctx, output_dir / "plan_report.md", est, gpu_budget)
+    append_fp8_report(output_dir / "plan_report.md", fp8)
     manifest = _plan_json(graph, resolved, model, config, example_inputs, estimate_entry(est, hw, gpu_budget, ctx.extra),
                           node_manifest(plan.mesh, hw))
+    manifest["fp8"] = fp8.manifest()
     # plan.json last: its presence marks a complete compile output.
     tmp = output_dir / "plan.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))

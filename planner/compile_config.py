@@ -32,6 +32,11 @@ FORMAT_VERSION = 2  # 2: plan.json names where each weight sits in a Hugging Fac
 MODEL_LOSS = "model"  # model(**inputs): the Hugging Face model's own loss
 CHUNKED_LOSS = "chunked_cross_entropy"  # planner.graph.hf.chunked_causal_lm_forward(loss_chunk_size)
 
+# --fp8 modes and recipes (planner/search/fp8_choice.py, kernels/fp8/scaling.py), named here so the
+# config validates without importing either.
+FP8_MODES = ("off", "auto", "all")
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_gw_hp")
+
 # describe() keys too long to print when they change: what to say instead.
 _SUMMARIZED = {"model_digest": "the model (config or parameter shapes)",
                "hw_profile_contents": "the hardware profile's contents", "versions": "library versions",
@@ -114,6 +119,9 @@ class CompileConfig:
     with ``loss_chunk_size`` tokens per chunk, 0: automatic) or the name of a ``forward_fn``
     passed to ``compile_model``. ``model``, ``model_digest`` and ``inputs`` are filled by
     ``for_model``; ``versions`` defaults to the running libraries'.
+    ``fp8`` (``off``, ``auto``: priced per linear, ``all``: every eligible linear) and ``fp8_recipe``
+    (``tensorwise``, ``rowwise``, ``rowwise_gw_hp``) choose the linears whose products run in FP8
+    (``planner/search/fp8_choice.py``, docs/design.md, "FP8").
     """
 
     plan_ngpus: int = 1
@@ -127,6 +135,8 @@ class CompileConfig:
     loss: str = MODEL_LOSS
     loss_chunk_size: int = 0
     hw_profile: str | None = None
+    fp8: str = "off"
+    fp8_recipe: str = "tensorwise"
     model: str = ""
     model_digest: str = ""
     inputs: tuple[tuple[str, tuple[int, ...], str], ...] = ()
@@ -146,6 +156,10 @@ class CompileConfig:
             raise ValueError(f"loss_chunk_size must be >= 0 (0: automatic), got {self.loss_chunk_size}")
         if self.loss_chunk_size and self.loss != CHUNKED_LOSS:
             raise ValueError(f"loss_chunk_size applies to loss='{CHUNKED_LOSS}' only (loss is '{self.loss}')")
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(f"fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
         if "hw_profile" in self.policy_options:
             raise ValueError("give the hardware profile as CompileConfig(hw_profile=...), not as a policy option")
         options = canonical(dict(self.policy_options), "policy option")
@@ -181,6 +195,8 @@ class CompileConfig:
         """
         d = {f.name: canonical(getattr(self, f.name), f.name) for f in dataclasses.fields(self)}
         d["format_version"] = FORMAT_VERSION
+        if self.fp8 == "off":  # what compiles wrote before FP8 existed: their fingerprints stay valid
+            del d["fp8"], d["fp8_recipe"]
         if hardware:
             from .cost.hardware import load_hw_profile
 

@@ -52,6 +52,17 @@ class TrainArgs(TrainConfig):
     init_seed: int = field(
         default=0, metadata={"help": "seed for random weights when --model_id holds a config but no weights"}
     )
+    fp8: str = field(
+        default="off", metadata={"help": "FP8 products of linear layers: off, auto (the planner prices each against "
+                                         "bf16 from the hardware profile), all (every eligible linear); weights "
+                                         "and checkpoints keep their dtype (docs/design.md, \"FP8\")",
+                                 "choices": ("off", "auto", "all")}
+    )
+    fp8_recipe: str = field(
+        default="tensorwise", metadata={"help": "FP8 scaling recipe: tensorwise (e5m2 gradients), rowwise, or "
+                                                "rowwise_gw_hp (weight gradient in high precision)",
+                                        "choices": ("tensorwise", "rowwise", "rowwise_gw_hp")}
+    )
 
     def validate(self) -> None:
         """The trainer's checks plus this example's flags."""
@@ -168,6 +179,7 @@ def _compile_request(args: TrainArgs, for_gpu: bool) -> tuple:
         param_dtype=_param_dtype(args, for_gpu),
         fused_kernels=args.fused_kernels == "on" or (args.fused_kernels == "auto" and for_gpu),
         loss="chunked_cross_entropy", loss_chunk_size=args.loss_chunk_size, hw_profile=args.hw_profile or None,
+        fp8=args.fp8, fp8_recipe=args.fp8_recipe,
     )
     return model, inputs, config.for_model(model, inputs)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,12 @@ class HardwareProfile:
     host_os_gb: float | None = None
     host_process_gb: float | None = None
     memory_margin_source: str = ""
+    # FP8 products (docs/design.md, "FP8"; planner/search/fp8_choice.py), measured by profile_hw: sustained
+    # TFLOP/s of torch._scaled_mm by scaling ({"tensorwise": .., "rowwise": ..}) and high-precision bytes per
+    # second through kernels/fp8's quantisation (amax, scale, saturated cast); empty / 0: not measured, and
+    # the planner keeps every product in bf16.
+    fp8_matmul_tflops: dict[str, float] = field(default_factory=dict)
+    fp8_cast_gbps: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HardwareProfile:
@@ -91,6 +97,7 @@ class HardwareProfile:
             gpu_context_gb=d.get("gpu_context_gb"), reserved_over_estimate=d.get("reserved_over_estimate"),
             host_os_gb=d.get("host_os_gb"), host_process_gb=d.get("host_process_gb"),
             memory_margin_source=d.get("memory_margin_source", ""),
+            fp8_matmul_tflops=dict(d.get("fp8_matmul_tflops", {})), fp8_cast_gbps=float(d.get("fp8_cast_gbps", 0.0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,11 +111,22 @@ class HardwareProfile:
                 "gpus_per_node": self.gpus_per_node, "internode_gbps": self.internode_gbps,
                 "internode_alpha_us": self.internode_alpha_us, "gpu_context_gb": self.gpu_context_gb,
                 "reserved_over_estimate": self.reserved_over_estimate, "host_os_gb": self.host_os_gb,
-                "host_process_gb": self.host_process_gb, "memory_margin_source": self.memory_margin_source}
+                "host_process_gb": self.host_process_gb, "memory_margin_source": self.memory_margin_source,
+                # Only once measured: a profile without FP8 keeps the contents (and fingerprints) it had.
+                **({"fp8_matmul_tflops": self.fp8_matmul_tflops, "fp8_cast_gbps": self.fp8_cast_gbps}
+                   if self.fp8_matmul_tflops else {})}
 
     def matmul_rate(self, dtype: torch.dtype) -> float:
         """Sustained matmul FLOP/s for inputs of ``dtype`` (float32 rate for unknown dtypes)."""
         return _rate(self.matmul_tflops, dtype) * 1e12
+
+    def fp8_unavailable(self, scaling: str) -> str:
+        """Why this profile cannot price FP8 products with ``scaling`` (tensorwise, rowwise); "" when it can."""
+        if self.fp8_matmul_tflops.get(scaling, 0.0) > 0 and self.fp8_cast_gbps > 0:
+            return ""
+        return (f"hardware profile '{self.name}' has no measured {scaling} FP8 rate (fp8_matmul_tflops, "
+                "fp8_cast_gbps): run `python -m dimshard.planner.cost.profile_hw --output <profile>.json` on the "
+                "GPU and compile with --hw_profile <profile>.json")
 
     def attention_rate(self, dtype: torch.dtype) -> float:
         """Sustained attention FLOP/s, counting backward as twice the forward FLOPs."""

@@ -8,7 +8,8 @@ Measures the bf16 (and fp32) matmul rate, scaled-dot-product attention forward p
 FLOPs as the cost model does), copy bandwidth
 (bytes read plus written), the kernel launch overhead and, when run under torchrun with more than
 one rank, the NCCL bus bandwidth (nccl-tests' convention) and small-message latency of
-all-reduce, all-gather, reduce-scatter and all-to-all over all ranks. Values it cannot measure
+all-reduce, all-gather, reduce-scatter and all-to-all over all ranks, and on GPUs with FP8 GEMMs
+their tensorwise and rowwise rates and the FP8 cast's (``measure_fp8``). Values it cannot measure
 (collectives on one GPU) come from ``--base`` and are listed under ``estimated``.
 """
 
@@ -112,6 +113,35 @@ def measure_launch(iters: int) -> float:
     return _time(lambda: x.add_(1), iters * 50) * 1e6
 
 
+def measure_fp8(size: int, megabytes: int, iters: int) -> dict:
+    """FP8 rates for the planner (docs/design.md, "FP8"), through the calls ``kernels/fp8`` makes.
+
+    ``fp8_matmul_tflops``: a ``size`` cube ``torch._scaled_mm`` in e4m3 with bf16 output, tensorwise
+    and rowwise scales; ``fp8_cast_gbps``: bf16 bytes per second through ``quantize`` (amax, scale
+    and the saturated e4m3 cast) of a ``megabytes`` tensor, the slower of its row-major and
+    column-major writes. Empty on a GPU without FP8 GEMMs.
+    """
+    from dimshard.kernels.fp8.linear import fp8_gemm_supported, scaled_mm
+    from dimshard.kernels.fp8.scaling import E4M3, quantize
+
+    if not fp8_gemm_supported(torch.device("cuda")):
+        return {}
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    rates = {}
+    for scaling, dim in (("tensorwise", None), ("rowwise", -1)):
+        aq, a_scale = quantize(a, E4M3, dim, dim is not None)
+        bq, b_scale = quantize(b, E4M3, dim, dim is not None)  # rows of b: columns of the column-major b.t()
+        b_scale = b_scale.t() if dim is not None else b_scale
+        operands = (aq, a_scale, bq.t(), b_scale)
+        seconds = _time(lambda operands=operands: scaled_mm(*operands, torch.bfloat16, False), iters)
+        rates[scaling] = round(2 * size**3 / seconds / 1e12, 1)
+    x = torch.randn(megabytes * 10**6 // 2, device="cuda", dtype=torch.bfloat16).view(-1, 4096)
+    # The slower of the two layouts a cast writes (kernels/fp8/scaling.py): every cast is priced at it.
+    seconds = max(_time(lambda layout=layout: quantize(x, E4M3, layout=layout), iters) for layout in ("row", "column"))
+    return {"fp8_matmul_tflops": rates, "fp8_cast_gbps": round(x.numel() * 2 / seconds / 1e9, 1)}
+
+
 def measure_collectives(megabytes: int, iters: int) -> tuple[dict[str, float], dict[str, float]]:
     """Bus bandwidth (GB/s) and 4 KB latency (us) of each communicating collective over the default group.
 
@@ -179,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         "kernel_launch_us": round(measure_launch(args.iters), 2),
         # Pinned host-device copies, the CPU AdamW rate and MemTotal (planner/cost/offload_profile.py).
         **measure_offload_rates(iters=min(args.iters, 10)),
+        # FP8 GEMMs and casts, where the GPU has them (planner/search/fp8_choice.py).
+        **measure_fp8(args.matmul_size, args.copy_mb, args.iters),
         "estimated": estimated,
         "source": (f"measured {started} by python -m dimshard.planner.cost.profile_hw (torch {torch.__version__}): "
                    f"matmul {args.matmul_size}^3, causal sdpa seq {args.attention_seq_len} heads "
