@@ -1,4 +1,4 @@
-"""Generated code for sequence-split attention: the op's call, and the zigzag reorders around collectives.
+"""Generated code for sequence-split ops: attention's and recurrent ops' calls, and the zigzag reorders.
 
 On a mesh axis where attention is sequence split, sequence-aligned tensors are held in the
 zigzag layout (``plan/sequence_split.py``: which tensors, and why). Codegen replaces the attention
@@ -11,6 +11,10 @@ call by ``kernels.context_parallel.sequence_split_attention`` with the axis's pr
 | Shard -> Replicate (all-gather) | ``from_zigzag(all_gather(x), dim, P)``: natural order again |
 | Partial -> Shard (reduce-scatter) | ``reduce_scatter(to_zigzag(x, dim, P))`` |
 | Shard(i) -> Shard(j) (all-to-all) | ``to_zigzag`` on j before, ``from_zigzag`` on i after |
+
+A recurrent op split along the sequence calls its record's split form (``OpRecord.sequence_split``,
+e.g. ``kernels.recurrent.sequence_split.split_gated_delta_rule``) with the op's own arguments, the
+axis's process group and the layout its sequence is held in (``recurrent_code``).
 """
 
 from __future__ import annotations
@@ -69,3 +73,15 @@ def attention_code(op: Op, axis: int, args: list[str], group: str) -> tuple[str,
     scale = "" if call.scale is None else f", scale={call.scale!r}"
     return (f"from {CP_MODULE} import sequence_split_attention",
             f"sequence_split_attention({args[0]}, {args[1]}, {args[2]}{scale}, group={group})")
+
+
+def recurrent_code(op: Op, args: list[str], kwargs: dict[str, str], group: str, layout: str) -> tuple[str, str, str]:
+    """(name, import line, call) of the sequence-split form that replaces recurrent ``op`` in generated code.
+
+    ``args`` and ``kwargs`` are the expressions of the op's own arguments; the call adds the process
+    group ``group`` and ``layout`` ("zigzag" or "contiguous", how each rank holds its sequence).
+    """
+    module, name = op.record.sequence_split.rsplit(".", 1)
+    keywords = "".join(f", {k}={v}" for k, v in kwargs.items())
+    return (name, f"from {module} import {name}",
+            f"{name}({', '.join(args)}{keywords}, group={group}, layout={layout!r})")

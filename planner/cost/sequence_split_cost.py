@@ -1,4 +1,5 @@
-"""What a sequence-split attention costs: its compute per rank, its K/V exchange and how much of that overlaps.
+"""What a sequence-split op costs: attention's compute per rank, its K/V exchange and how much of that
+overlaps; a recurrent op's state passing (``recurrent_split_cost``, at the end).
 
 Under the zigzag layout every rank of a P-way split does 1/P of the causal attention's work:
 ``2*b*h*(L/P)*L*(e+f)/2`` FLOPs forward at the attention rate, twice that backward, in P blocks.
@@ -19,13 +20,16 @@ sequence's K/V and gradients for the all-gather) add to the working set.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
 
-from ..graph.ir import Graph, Op, dtype_bytes
+import torch
+
+from ..graph.ir import Graph, Op, dtype_bytes, numel
 from ..plan.placements import Mesh, Shard, TensorPlacement, local_shape
-from ..plan.sequence_split import is_attention
+from ..plan.sequence_split import RECURRENT_SEQUENCE, is_attention, is_recurrent
 from .hardware import HardwareProfile
 from .topology import axis_collective_seconds, axis_crosses_nodes, collective_seconds
 
@@ -94,7 +98,10 @@ def _kv_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], mesh: Mesh) -> f
 
 def exchange_buffer_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], mesh: Mesh,
                           method: str | None = None) -> float:
-    """Bytes of K/V exchange buffers alive while a sequence-split attention runs backward (0 for any other op)."""
+    """Bytes of exchange buffers alive while a sequence-split attention (K/V) or recurrent op (states, halos)
+    runs backward (0 for any other op)."""
+    if _recurrent_split_axis(op, ins, mesh) is not None:
+        return recurrent_working_bytes(graph, op, ins, mesh)
     if not is_attention(op):
         return 0.0
     axis = _split_axis(ins)
@@ -156,3 +163,118 @@ def sequence_split_cost(graph: Graph, op: Op, ins: list[TensorPlacement], mesh: 
         raise ValueError(f"unknown sequence-split method {method!r}; choose one of {METHODS}")
     return SequenceSplitCost(method, axis, size, flops, compute_f, compute_b, kv, comm_f, comm_b, exposed_f,
                              exposed_b, exchange_buffer_bytes(graph, op, ins, mesh, method))
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrent ops split along the sequence (kernels/recurrent/sequence_split.py)
+# --------------------------------------------------------------------------------------------
+
+STATE_BYTES = 4  # the passed states and transitions are fp32
+
+
+@dataclass(frozen=True)
+class RecurrentSplitCost:
+    """One recurrent op (or short convolution) with its sequence split, on its local shards.
+
+    Nothing overlaps the exchange: the incoming states (or halos) are needed before the outputs.
+    """
+
+    axis: int
+    ranks: int
+    chunks_per_rank: int  # 2 in the zigzag layout, 1 contiguous
+    flops: float  # forward, this rank: the widened local run, the fold and the output correction
+    compute_forward_s: float
+    compute_backward_s: float
+    exchanged_bytes: float  # this rank's pieces: [M | S_own] per chunk, or the convolution's chunk tails
+    comm_forward_s: float  # the all-gather of every rank's pieces
+    comm_backward_s: float  # the all-reduce of every rank's piece gradients
+    working_bytes: float  # every rank's pieces (and their gradients) while it runs
+
+    @property
+    def forward_s(self) -> float:
+        return self.compute_forward_s + self.comm_forward_s
+
+    @property
+    def backward_s(self) -> float:
+        return self.compute_backward_s + self.comm_backward_s
+
+
+def _recurrent_split_axis(op: Op, ins: list[TensorPlacement], mesh: Mesh) -> int | None:
+    """The axis (of size > 1) on which a recurrent op's first input is split along its sequence ``l``, else None."""
+    if not is_recurrent(op) or op.annotation is None or not ins:
+        return None
+    dims = op.annotation.inputs[0].dims
+    seq = next((d for d, dim in enumerate(dims) if RECURRENT_SEQUENCE in dim.names), None)
+    for axis, p in enumerate(ins[0]):
+        if isinstance(p, Shard) and p.dim == seq and mesh.shape[axis] > 1:
+            return axis
+    return None
+
+
+def _piece_bytes(op: Op, shapes: list[tuple[int, ...]], in_t: list, count: int) -> float:
+    """Bytes of one rank's exchanged pieces: ``[M | S_own]`` per chunk in fp32, or a convolution's chunk tails."""
+    if op.record.recurrence is not None:
+        local = op.record.recurrence(op, shapes)
+        return float(count * local.sequences * local.key_dim * (local.key_dim + local.value_dim) * STATE_BYTES)
+    x, weight = shapes[0], shapes[1]
+    halo = min(weight[-1] - 1, max(1, x[-1] // count))
+    return float(count * numel(x[:-1]) * halo * dtype_bytes(in_t[0].dtype))
+
+
+def recurrent_working_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], mesh: Mesh,
+                            chunks_per_rank: int = 2) -> float:
+    """Bytes every rank's gathered pieces (and, with a backward, their gradients) take while a recurrent op
+    split along the sequence runs; 0 when its sequence is not split."""
+    axis = _recurrent_split_axis(op, ins, mesh)
+    if axis is None:
+        return 0.0
+    in_t = [graph.tensors[t] for t in op.input_ids()]
+    shapes = [local_shape(t.shape, p, mesh) for t, p in zip(in_t, ins)]
+    has_backward = any(graph.tensors[t].requires_grad for t in op.output_ids())
+    return mesh.shape[axis] * _piece_bytes(op, shapes, in_t, chunks_per_rank) * (2 if has_backward else 1)
+
+
+def recurrent_split_cost(graph: Graph, op: Op, ins: list[TensorPlacement], mesh: Mesh, hw: HardwareProfile,
+                         chunks_per_rank: int = 2) -> RecurrentSplitCost | None:
+    """The cost of a recurrent op whose placements split its sequence over a mesh axis of P ranks, else None.
+
+    A scan (the record's ``recurrence``: ``sequences`` recurrences of state dk x dv on this rank) runs its
+    ``n = chunks_per_rank`` chunks in one local call with the values widened by dk channels (so it
+    also yields the chunk's transition M), in fp32: ``RecurrenceDims.flops(dv + dk)``; then every rank
+    folds all ``n P`` chunks' ``[M | S_own]`` in order (``2 dk^2 dv`` each per recurrence) and adds
+    ``Q S_in`` to its outputs (``2 dk dv`` per local token). It exchanges ``n`` pieces of
+    ``dk (dk + dv)`` fp32 values per recurrence, independent of the sequence length: one all-gather
+    forward, one all-reduce of every rank's piece gradients backward. A short convolution (no
+    ``recurrence``) is priced as its memory traffic and exchanges each chunk's last ``k - 1`` tokens
+    the same way. ``chunks_per_rank``: 2 in the zigzag layout (the default, where softmax attention
+    shares the axis), 1 contiguous. Compute backward is twice forward, plus the fold recomputed.
+    """
+    axis = _recurrent_split_axis(op, ins, mesh)
+    if axis is None:
+        return None
+    size, count = mesh.shape[axis], chunks_per_rank
+    in_t = [graph.tensors[t] for t in op.input_ids()]
+    shapes = [local_shape(t.shape, p, mesh) for t, p in zip(in_t, ins)]
+    has_backward = any(graph.tensors[t].requires_grad for t in op.output_ids())
+    launch = hw.kernel_launch_us * 1e-6
+    record = op.record
+    piece = _piece_bytes(op, shapes, in_t, count)
+    if record.recurrence is not None:
+        local = record.recurrence(op, shapes)
+        chunks = dataclasses.replace(local, sequences=local.sequences * count, tokens=max(1, local.tokens // count))
+        dk, dv = local.key_dim, local.value_dim
+        fold = 2.0 * count * size * local.sequences * dk * dk * dv
+        flops = chunks.flops(dv + dk) + fold + 2.0 * local.sequences * local.tokens * dk * dv
+        compute_f = flops / hw.matmul_rate(torch.float32) + 3 * launch
+        compute_b = (2 * compute_f + fold / hw.matmul_rate(torch.float32)) if has_backward else 0.0
+    else:  # the short convolution: memory bound, halos of k - 1 tokens
+        x, weight = shapes[0], shapes[1]
+        nbytes = float(sum(numel(s) * dtype_bytes(t.dtype) for s, t in zip(shapes, in_t)) +
+                       numel(x) * dtype_bytes(in_t[0].dtype))
+        flops = 2.0 * numel(x) * weight[-1]
+        compute_f = nbytes / hw.copy_rate + 2 * launch
+        compute_b = 2 * compute_f if has_backward else 0.0
+    gather = axis_collective_seconds(hw, "all_gather", piece * (size - 1), mesh, axis)
+    reduce = axis_collective_seconds(hw, "all_reduce", 2 * piece * (size - 1), mesh, axis) if has_backward else 0.0
+    working = recurrent_working_bytes(graph, op, ins, mesh, count)
+    return RecurrentSplitCost(axis, size, count, flops, compute_f, compute_b, piece, gather, reduce, working)

@@ -26,6 +26,17 @@ which positions a shard holds does not change what the op computes; only the pla
 tensors change placement see the layout, and codegen wraps those collectives in reorders
 (``codegen/sequence_split_code.py``'s ``zigzag_step``).
 
+**Recurrent layers.** An op whose record names a sequence-split form (``OpRecord.sequence_split``:
+the gated delta rule, linear attention, Mamba2's and Mamba's scans, the short causal convolution;
+``kernels/recurrent/``) freezes its sequence ``l`` too, and may split it the same way: the annotation
+with ``l`` unfrozen, its state passed between the ranks inside the op (one all-gather of every
+rank's state and transition, or of the convolution's k - 1 tokens before each chunk). It adds no
+layout of its own: where softmax attention makes an axis zigzag, the recurrent op's sequence is in
+the same class (the residual stream joins them) and runs with ``layout="zigzag"``; elsewhere (a
+model without attention, or attention kept whole) with ``layout="contiguous"``, the natural order.
+``ZigzagLayout.recurrent_ops`` records each one's axis and layout; codegen calls the record's
+split form with the axis's process group (``codegen/sequence_split_code.py``'s ``recurrent_code``).
+
 The user's data and model stay as they are: inputs arrive whole and in natural order, and a
 tensor a consumer needs whole (the logits of the Hugging Face loss, a full-sequence output) is
 gathered back into natural order. A reduction over the sequence that is a sum (the token loss
@@ -58,6 +69,15 @@ _OFFERED = [True]  # whether extra_split_names offers the split (see not_offered
 def is_attention(op: Op) -> bool:
     """Whether ``op`` is an attention op: its record's cost class is attention (torch's sdpa, dimshard's op)."""
     return op.record.cost == "attention"
+
+
+# The annotation name of a recurrent op's sequence (``OpRecord.sequence_split``'s contract).
+RECURRENT_SEQUENCE = "l"
+
+
+def is_recurrent(op: Op) -> bool:
+    """Whether ``op`` has a sequence-split form that passes state between ranks (``OpRecord.sequence_split``)."""
+    return op.record.sequence_split is not None
 
 
 @dataclass(frozen=True)
@@ -124,7 +144,9 @@ def _annotations(op: Op) -> tuple[Annotation | None, Annotation | None]:
         return cached[1], cached[2]
     alt = allowed = None
     ann = op.annotation
-    if ann is not None and is_attention(op) and len(ann.inputs) >= 3 and ann.outputs:
+    if ann is not None and is_recurrent(op) and RECURRENT_SEQUENCE in ann.frozen & ann.input_names:
+        alt = allowed = Annotation(ann.inputs, ann.outputs, frozenset(ann.frozen - {RECURRENT_SEQUENCE}))
+    elif ann is not None and is_attention(op) and len(ann.inputs) >= 3 and ann.outputs:
         q, k, v, out = ann.inputs[0], ann.inputs[1], ann.inputs[2], ann.outputs[0]
         if all(len(s.dims) == 4 and len(s.dims[2].names) == 1 for s in (q, k, v, out)):
             seq, kv_seq = q.dims[2].names[0], k.dims[2].names[0]
@@ -142,18 +164,19 @@ def _annotations(op: Op) -> tuple[Annotation | None, Annotation | None]:
 
 
 def sequence_split_name(op: Op) -> str | None:
-    """The annotation name of an attention op's query sequence dim when it is frozen (splittable
-    only with communication inside the op), else None."""
+    """The annotation name of an attention op's query sequence dim, or of a recurrent op's sequence, when it
+    is frozen (splittable only with communication inside the op), else None."""
     alt, _ = _annotations(op)
     if alt is None:
         return None
-    name = alt.inputs[0].dims[2].names[0]
+    name = RECURRENT_SEQUENCE if is_recurrent(op) else alt.inputs[0].dims[2].names[0]
     return name if name in op.annotation.frozen else None
 
 
 def extra_split_names(op: Op) -> list[str]:
     """Names the search may split besides ``annotation.splittable()``: the sequence of a causal
-    attention op that can run sequence split (none for a refused call, or inside ``not_offered``)."""
+    attention op that can run sequence split, or of a recurrent op (none for a refused call, or
+    inside ``not_offered``)."""
     if not _OFFERED[0]:
         return []
     name = sequence_split_name(op)
@@ -172,7 +195,7 @@ def not_offered() -> Iterator[None]:
 
 
 def sequence_split_axis(op: Op, split: tuple[str | None, ...], mesh: Mesh) -> int | None:
-    """The mesh axis (of size > 1) on which ``split`` splits an attention op's sequence, else None."""
+    """The mesh axis (of size > 1) on which ``split`` splits an attention or recurrent op's sequence, else None."""
     name = sequence_split_name(op)
     if name is None or name not in split:
         return None
@@ -183,14 +206,17 @@ def sequence_split_axis(op: Op, split: tuple[str | None, ...], mesh: Mesh) -> in
 def effective_annotation(graph: Graph, op: Op, split: tuple[str | None, ...], mesh: Mesh) -> Annotation:
     """The annotation ``resolve.op_placements`` places ``op`` with under ``split``.
 
-    The op's own, unless ``split`` splits an attention op's sequence on an axis of size P > 1: then
-    the sequence-split annotation. Raises PlanError when that call cannot be sequence split (a mask,
-    a window, ...) or its sequence does not cut into 2P equal chunks (the zigzag layout's need).
+    The op's own, unless ``split`` splits an attention or recurrent op's sequence on an axis of size
+    P > 1: then the sequence-split annotation. Raises PlanError when that attention call cannot be
+    sequence split (a mask, a window, ...) or its sequence does not cut into 2P equal chunks (the
+    zigzag layout's need; a recurrent op's layout is checked with the plan's, ``zigzag_layout``).
     """
     axis = sequence_split_axis(op, split, mesh)
     if axis is None:
         return op.annotation
     alt, allowed = _annotations(op)
+    if is_recurrent(op):
+        return alt
     where = f"op {op.index} {op.name} @ {op.scope or '<root>'}"
     axis_name, size = mesh.axis_names[axis], mesh.shape[axis]
     if allowed is None:
@@ -240,6 +266,8 @@ class ZigzagLayout:
     axes: dict[int, int] = field(default_factory=dict)  # mesh axis -> P
     members: set[tuple[int, int]] = field(default_factory=set)  # (tensor id, dim)
     attention_ops: dict[int, int] = field(default_factory=dict)  # op index -> mesh axis of its split
+    # op index -> (mesh axis of its split, "zigzag" | "contiguous"): recurrent ops passing state
+    recurrent_ops: dict[int, tuple[int, str]] = field(default_factory=dict)
 
     def is_zigzag(self, tid: int, dim: int | None, axis: int) -> bool:
         """Whether Shard(dim) of tensor ``tid`` on mesh axis ``axis`` is held in the zigzag layout."""
@@ -269,6 +297,7 @@ def zigzag_layout(graph: Graph, splits: dict[int, tuple[str | None, ...]], mesh:
     layout = ZigzagLayout()
     uf = _UnionFind()
     roots = []
+    recurrent: dict[int, tuple[int, tuple[int, int]]] = {}  # op index -> (axis, its first input's sequence dim)
     none = (None,) * len(mesh.shape)
     for op in graph.ops:
         if op.annotation is None:
@@ -276,11 +305,15 @@ def zigzag_layout(graph: Graph, splits: dict[int, tuple[str | None, ...]], mesh:
         split = splits.get(op.index, none)
         axis = sequence_split_axis(op, split, mesh)
         ann = op.annotation
-        if axis is not None:
+        if axis is not None and is_attention(op):
             ann = effective_annotation(graph, op, split, mesh)
             layout.axes[axis] = mesh.shape[axis]
             layout.attention_ops[op.index] = axis
             roots.append((op.input_ids()[0], 2))
+        elif axis is not None and is_recurrent(op):
+            ann = effective_annotation(graph, op, split, mesh)
+            dim = next(d for d, names in enumerate(ann.inputs[0].dims) if RECURRENT_SEQUENCE in names.names)
+            recurrent[op.index] = (axis, (op.input_ids()[0], dim))
         by_name: dict[str, list[tuple[int, int]]] = {}
         for tid, spec in zip(op.input_ids() + op.output_ids(), list(ann.inputs) + list(ann.outputs)):
             for d, dim in enumerate(spec.dims):
@@ -289,10 +322,12 @@ def zigzag_layout(graph: Graph, splits: dict[int, tuple[str | None, ...]], mesh:
         for nodes in by_name.values():
             for other in nodes[1:]:
                 uf.union(nodes[0], other)
-    if not layout.axes:
-        return layout
     classes = {uf.find(r) for r in roots}
     layout.members = {node for node in list(uf.parent) if uf.find(node) in classes}
+    for index, (axis, node) in recurrent.items():
+        layout.recurrent_ops[index] = (axis, "zigzag" if layout.is_zigzag(node[0], node[1], axis) else "contiguous")
+    if not layout.axes:
+        return layout
     for op in graph.ops if placements else []:
         ins, outs = placements[op.index]
         for tid, placement in zip(op.input_ids() + op.output_ids(), list(ins) + list(outs)):
