@@ -248,3 +248,20 @@ def test_train_mfu_cpu_smoke_run(tmp_path):
     record = json.loads(run.stdout.strip().splitlines()[-1])
     assert record["gpu"] == "cpu" and record["policy"] == "dp" and record["step_s"] > 0
     assert record["tokens_per_s"] > 0 and record["mfu"] >= 0 and np.isfinite(record["loss"])
+
+
+def test_layers_that_also_feed_the_loss_their_router_logits_are_still_repeated_layers():
+    # A mixture-of-experts layer writes its router's logits for the load-balancing loss: a side output
+    # only the epilogue reads. The layers still repeat, so auto solves one layer's problem.
+    from test_moe_families import moe_models
+
+    from dimshard.planner.graph.hf import chunked_causal_lm_forward
+
+    _, model = moe_models("mixtral", aux_loss=True)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    graph = trace(model, {"input_ids": ids, "labels": ids.clone()}, forward_fn=chunked_causal_lm_forward())
+    structure = layer_structure(graph)
+    assert structure is not None and len(structure.scopes) == model.config.num_hidden_layers >= 2
+    # Each layer's residual is what the next layer reads; the router logits are not among the outputs.
+    for i in range(1, len(structure.scopes)):
+        assert structure.inputs[i] == structure.outputs[i - 1]

@@ -41,8 +41,8 @@ _EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_n
                   "n_experts", "ffn_num_experts")
 
 
-def unsupported_reason(config: Any) -> str | None:
-    """Why dimshard cannot compile a model of ``config`` yet (mixture of experts), or None."""
+def mixture_of_experts_sign(config: Any) -> str | None:
+    """The config field that makes ``config`` a mixture-of-experts model (``num_local_experts=8``), or None."""
     from transformers import PretrainedConfig
 
     # Sub-configs too: a text_config, DBRX's ffn_config.
@@ -55,9 +55,34 @@ def unsupported_reason(config: Any) -> str | None:
         if "moe" in str(getattr(config, "model_type", "")):
             signs.append(f"model_type {config.model_type}")
         if signs:
-            return (f"{config.model_type} is a mixture-of-experts model ({signs[0]}); dimshard partitions dense "
-                    "decoders only for now: pick a dense family (docs/models.md lists them)")
+            return signs[0]
     return None
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why dimshard cannot compile a model of ``config`` (a mixture of experts it cannot express), or None."""
+    sign = mixture_of_experts_sign(config)
+    if sign is None or experts_interface_used(config):
+        return None  # dense, or experts that run as dimshard's experts op (docs/design.md, "Mixture of experts")
+    return (f"{config.model_type} is a mixture-of-experts model ({sign}) whose experts are a loop over expert "
+            "modules, not transformers' experts interface (@use_experts_implementation), so they cannot run as "
+            "dimshard's experts op: pick a family docs/models.md lists as supported")
+
+
+def experts_interface_used(config: Any) -> bool:
+    """Whether the causal LM of ``config`` runs its experts through transformers' experts interface.
+
+    Those models call ``experts_implementation="dimshard"`` (``kernels/hf_experts.py``), one op per
+    MoE layer; transformers' own check reads the modeling source for ``@use_experts_implementation``.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        return False
+    can_set = getattr(model_class, "_can_set_experts_implementation", None)
+    return bool(can_set is not None and can_set())
 
 
 def check_supported(config: Any) -> None:
@@ -108,8 +133,9 @@ def build_on_meta(config: Any) -> torch.nn.Module:
     config if the graph reads them. Attention is dimshard's (``attn_implementation="dimshard"``, see
     ``kernels/hf_attention.py``): one traced op per layer that takes sliding windows, logit
     soft-capping and document ids, and no mask tensor (a family that picks its attention class
-    from a fixed table keeps its eager one). Raises UnsupportedModelError for a
-    mixture-of-experts config.
+    from a fixed table keeps its eager one). Experts are dimshard's too (``experts_implementation="dimshard"``,
+    ``kernels/hf_experts.py``) where the family uses transformers' experts interface. Raises
+    UnsupportedModelError for a mixture-of-experts config whose experts do not.
     """
     from transformers import AutoModelForCausalLM
 
@@ -118,6 +144,10 @@ def build_on_meta(config: Any) -> torch.nn.Module:
     check_supported(config)
     name = register()
     config._attn_implementation = name
+    if experts_interface_used(config):
+        from dimshard.kernels.hf_experts import register as register_experts
+
+        config._experts_implementation = register_experts()
     with _parameters_on_meta():
         try:
             return AutoModelForCausalLM.from_config(config, attn_implementation=name)
@@ -223,17 +253,44 @@ def chunked_causal_lm_forward(chunk_size: int | None = None) -> Callable[..., to
     """
     from dimshard.kernels import chunk_linear_cross_entropy
 
+    from .hf_mixers import recurrent_mixers
+
     chunk_size = chunk_size or None
 
     def forward(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         packed = {name: value for name, value in (("position_ids", position_ids), ("document_ids", document_ids))
                   if value is not None}
-        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False, **packed).last_hidden_state
+        # Recurrent mixers run dimshard's scan and convolution ops: one op each (docs/design.md, "Recurrent layers").
+        with recurrent_mixers(model):
+            decoded = model.get_decoder()(input_ids=input_ids, use_cache=False, **packed)
+        hidden = decoded.last_hidden_state
         targets = shift_labels(labels)
         head = output_head(model)
         per_token = chunk_linear_cross_entropy(hidden, head.weight, targets, IGNORE_INDEX, chunk_size, bias=head.bias,
                                                logit_scale=head.logit_scale, softcap=head.softcap)
-        return per_token.sum() / targets.ne(IGNORE_INDEX).sum()
+        loss = per_token.sum() / targets.ne(IGNORE_INDEX).sum()
+        aux_loss = router_aux_loss(model, decoded)
+        return loss if aux_loss is None else loss + aux_loss
 
     return forward
+
+
+def router_aux_loss(model: torch.nn.Module, decoded: Any) -> torch.Tensor | None:
+    """The mixture-of-experts load-balancing term the model's own loss adds, or None where it adds none.
+
+    With ``config.output_router_logits`` the decoder returns each MoE layer's router logits and a
+    transformers MoE causal LM adds ``router_aux_loss_coef * load_balancing_loss_func(...)``: the
+    same function of its modeling module is called here, with the model's own numbers, so the
+    chunked loss equals the model's (docs/design.md, "Mixture of experts").
+    """
+    import sys
+
+    router_logits = getattr(decoded, "router_logits", None)
+    if not router_logits or not getattr(model.config, "output_router_logits", False):
+        return None
+    balance = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    coefficient = getattr(model, "router_aux_loss_coef", None)
+    if balance is None or coefficient is None:
+        return None
+    return coefficient * balance(router_logits, model.num_experts, model.num_experts_per_tok, None)

@@ -82,16 +82,35 @@ def layer_structure(graph: Graph) -> LayerStructure | None:
                     reads[(j, pos)] = tid
         return reads
 
-    outputs = []
-    for i in range(len(scopes)):
+    epilogue = starts[-1] + n
+
+    def leaving(i: int) -> list[tuple[int, int, int]]:
+        """(op offset, output position, tensor) of what layer i's ops write and something outside reads."""
         lo, hi = starts[i], starts[i] + n
-        leaving = [tid for j in range(lo, hi) for tid in graph.ops[j].output_ids()
-                   if tid in graph_out or any(not lo <= c < hi for c in consumers.get(tid, []))]
-        if len(leaving) != 1:
+        return [(j - lo, pos, tid) for j in range(lo, hi) for pos, tid in enumerate(graph.ops[j].output_ids())
+                if tid in graph_out or any(not lo <= c < hi for c in consumers.get(tid, []))]
+
+    def side_output(tid: int, i: int) -> bool:
+        # Outside layer i, read by the epilogue alone (a mixture-of-experts router's logits, for the auxiliary loss).
+        lo, hi = starts[i], starts[i] + n
+        return tid not in graph_out and all(c >= epilogue for c in consumers.get(tid, []) if not lo <= c < hi)
+
+    layers_out = [leaving(i) for i in range(len(scopes))]
+    residual_at = [(j, pos) for j, pos, tid in layers_out[0] if not side_output(tid, 0)]
+    if len(residual_at) != 1:
+        return None
+    outputs = []
+    for i, found in enumerate(layers_out):
+        where = {(j, pos): tid for j, pos, tid in found}
+        residual = where.get(residual_at[0])
+        sides = [tid for key, tid in where.items() if key != residual_at[0]]
+        if residual is None or set(where) != {key[:2] for key in layers_out[0]} \
+                or not all(side_output(tid, i) for tid in sides):
             return None
-        outputs.append(leaving[0])
-        later = [c for c in consumers[leaving[0]] if not lo <= c < hi]
-        if tid_out_of_place(later, i, starts, n, len(scopes)) or leaving[0] in graph_out:
+        outputs.append(residual)
+        lo, hi = starts[i], starts[i] + n
+        later = [c for c in consumers[residual] if not lo <= c < hi]
+        if tid_out_of_place(later, i, starts, n, len(scopes)) or residual in graph_out:
             return None
     reads = [outside_reads(i) for i in range(len(scopes))]
     residual_at = {k for k, t in reads[1].items() if t == outputs[0]}

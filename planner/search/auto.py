@@ -233,6 +233,7 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
     evaluated: dict[tuple, Candidate] = {}
     analyses: dict[tuple, tuple] = {}
     solves = 0
+    too_entangled: list[str] = []
     for shape in shapes:
         mesh = Mesh(tuple(f"axis{i}" for i in range(len(shape))), shape)
         problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
@@ -240,13 +241,23 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
         if problem.order[1] > MAX_TABLE_ENTRIES:
             with sequence_split_not_offered():  # its choices made this mesh too entangled: plan it without them
                 problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
-        solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated, analyses)
+        try:
+            solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated, analyses)
+        except PlanError as error:
+            if "needs a table of" not in str(error):
+                raise
+            # Exact search cannot solve this mesh (e.g. a 2-D mesh over layers whose routers all feed
+            # the loss): the other meshes still compete; only when none can is it an error.
+            too_entangled.append(f"{'x'.join(map(str, shape))} ({error})")
+            continue
         if len(shape) == 1 and shape[0] <= hw.gpus_per_node and problem.offers_sequence_split():
             # Within a node heads-only plans compete closely; the Lagrangian sweep finds one plan per memory
             # weight, so the extra choices can hide a better one: sweep this mesh without them as well.
             with sequence_split_not_offered():
                 problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
             solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated, analyses)
+    if not evaluated:
+        raise PlanError(f"no mesh of {ctx.plan_ngpus} GPUs could be searched: {'; '.join(too_entangled)}")
     offloaded = offload_candidates(graph, evaluated, extra, hw, budget, dp_size, zero, Candidate, accumulation,
                                    analyses)
     if offload_mode(extra) not in ("auto", "none"):
