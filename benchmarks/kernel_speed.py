@@ -5,11 +5,14 @@ For each kernel: forward+backward time (median of CUDA-event timings), the achie
 work), that rate as a fraction of the measured floor (a large bf16 matrix product, a large
 device-to-device copy counting bytes read plus written), the peak memory above inputs and
 gradients (``torch.cuda.max_memory_allocated`` minus what was allocated before the step minus
-the gradients' sizes), and the relative error ||ours - eager|| / ||eager|| over outputs and
+the sizes of the gradients that took new memory), the step's whole peak above what existed
+before it (gradients included: where SwiGLU writes its input gradients in place, the saving
+shows here), and the relative error ||ours - eager|| / ||eager|| over outputs and
 gradients where the eager op fits in memory. Prints a table; ``--json_out`` writes every number.
 
     python benchmarks/kernel_speed.py                       # everything, default shapes
     python benchmarks/kernel_speed.py --kernels chunk_ce --seq_len 32768
+    python benchmarks/kernel_speed.py --kernels swiglu       # with and without in-place gradients
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class Row:
     unit: str = ""
     of_floor: float | None = None
     extra_gib: float | None = None
+    step_gib: float | None = None
     rel_error: float | None = None
     note: str = ""
 
@@ -95,17 +99,19 @@ def time_ms(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def peak_extra_gib(step: Callable[[], Sequence[torch.Tensor]]) -> float:
-    """GiB allocated at peak during ``step`` beyond what existed before it and the gradients it returns."""
+def peak_gib(step: Callable[[], Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor] = ()) -> tuple[float, float]:
+    """(GiB allocated at peak during ``step`` beyond what existed before it and the gradients it returns,
+    GiB at peak beyond what existed before it). Gradients written into ``inputs`` took no new memory."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     grads = step()
     torch.cuda.synchronize()
-    grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
-    extra = torch.cuda.max_memory_allocated() - before - grad_bytes
+    existing = {x.data_ptr() for x in inputs}
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None and g.data_ptr() not in existing)
+    step_bytes = torch.cuda.max_memory_allocated() - before
     del grads
-    return extra / GIB
+    return (step_bytes - grad_bytes) / GIB, step_bytes / GIB
 
 
 def fwd_bwd(op: Callable[..., Any], inputs: Sequence[torch.Tensor], wrt: Sequence[torch.Tensor],
@@ -121,8 +127,20 @@ def fwd_bwd(op: Callable[..., Any], inputs: Sequence[torch.Tensor], wrt: Sequenc
 
 
 def relative_error(ours: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
-    """Largest ||a - b|| / ||b|| over matching tensors (outputs and gradients)."""
-    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(ours, ref))
+    """Largest ||a - b|| / ||b|| over matching tensors (outputs and gradients), in float64.
+
+    Summed over pieces of 2^26 elements: whole float64 copies of [131072, 14336] tensors would take
+    42 GiB next to the operands, more than an H100 has left.
+    """
+    worst = 0.0
+    for a, b in zip(ours, ref):
+        diff = norm = 0.0
+        for x, y in zip(a.reshape(-1).split(1 << 26), b.reshape(-1).split(1 << 26)):
+            y = y.double()
+            diff += (x.double() - y).square().sum().item()
+            norm += y.square().sum().item()
+        worst = max(worst, math.sqrt(diff / norm) if norm > 0 else math.inf)
+    return worst
 
 
 def outputs_and_grads(op: Callable[..., Any], inputs: Sequence[torch.Tensor], wrt_index: Sequence[int],
@@ -145,7 +163,7 @@ def measure(cfg: BenchmarkConfig, kernel: str, impl: str, shape: str, op: Callab
         wrt = [inputs[i] for i in wrt_index]
         step = fwd_bwd(op, inputs, wrt, grad_out)
         row.ms = time_ms(step, cfg.warmup, cfg.repeats)
-        row.extra_gib = peak_extra_gib(step)
+        row.extra_gib, row.step_gib = peak_gib(step, inputs)
         row.rate = work / (row.ms * 1e-3) / 1e12
         row.of_floor = row.rate / floor if floor else None
     except torch.cuda.OutOfMemoryError:
@@ -346,6 +364,7 @@ def bench_memory_bound(cfg: BenchmarkConfig, copy_bw: float, kernel: str) -> lis
         up = torch.randn_like(gate)
         inputs, wrt, grad = [gate, up], [0, 1], [torch.randn_like(gate)]
         ours, eager = swiglu, swiglu_reference
+        in_place = lambda g, u: swiglu(g, u, inplace_grads=True)  # noqa: E731
         moved = 8 * gate.numel() * 2  # fwd: read 2, write 1; bwd: read 3, write 2
         shape = f"[{length}, {cfg.intermediate_size}]"
     else:
@@ -365,8 +384,18 @@ def bench_memory_bound(cfg: BenchmarkConfig, copy_bw: float, kernel: str) -> lis
         measure(cfg, kernel, "dimshard (Triton)", shape, ours, inputs, wrt, grad, moved, "TB/s", copy_bw),
         measure(cfg, kernel, "eager (HF)", shape, eager, inputs, wrt, grad, moved, "TB/s", copy_bw),
     ]
-    rows[0].rel_error = relative_error(outputs_and_grads(ours, inputs, wrt, grad),
-                                       outputs_and_grads(eager, inputs, wrt, grad))
+    reference = outputs_and_grads(eager, inputs, wrt, grad)
+    rows[0].rel_error = relative_error(outputs_and_grads(ours, inputs, wrt, grad), reference)
+    if kernel == "swiglu":
+        # Gradients written into gate and up: the backward allocates nothing. It overwrites its inputs, so
+        # it runs on copies, timed and checked like the others (the copies' values drift between runs).
+        copies = [x.clone() for x in inputs]
+        rows.append(measure(cfg, kernel, "dimshard (Triton, in-place grads)", shape, in_place, copies, wrt, grad,
+                            moved, "TB/s", copy_bw))
+        copies = [x.clone() for x in inputs]
+        rows[-1].rel_error = relative_error(outputs_and_grads(in_place, copies, wrt, grad), reference)
+        del copies
+    del reference
     del inputs, grad
     torch.cuda.empty_cache()
     return rows
@@ -380,11 +409,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(rows: Sequence[Row]) -> None:
     """Print the rows as an aligned text table."""
-    header = ["kernel", "impl", "shape", "fwd+bwd ms", "rate", "of floor", "extra GiB", "rel err", "note"]
+    header = ["kernel", "impl", "shape", "fwd+bwd ms", "rate", "of floor", "extra GiB", "step GiB", "rel err",
+              "note"]
     table = [header] + [
         [r.kernel, r.impl, r.shape, _fmt(r.ms, ".2f"), f"{_fmt(r.rate, '.1f' if r.unit == 'TFLOP/s' else '.2f')} {r.unit}",
          _fmt(None if r.of_floor is None else 100 * r.of_floor, ".0f") + ("%" if r.of_floor is not None else ""),
-         _fmt(r.extra_gib, ".2f"), _fmt(r.rel_error, ".1e"), r.note]
+         _fmt(r.extra_gib, ".2f"), _fmt(r.step_gib, ".2f"), _fmt(r.rel_error, ".1e"), r.note]
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -274,17 +274,18 @@ def test_the_backward_sweep_frees_what_each_backward_is_done_with():
     graph = trace(_GatedMLP(d, f), {"x": torch.randn(t, d)}, output_fn=lambda out: out)
     resolved = resolve_placements(graph, POLICIES["dp"](graph, PolicyContext(1)))
     analysis = analyze(graph, resolved, HW, regions=["mlp"])
-    # Recomputed: the MLP brings back gate and up (its input h is kept anyway, not counted twice)
-    # while SwiGLU runs backward; its output was freed by the down projection's backward, and
-    # SwiGLU's working set is the gradients of gate, up and its output.
+    # Recomputed: the MLP brings back gate, up and SwiGLU's output (its input h is kept anyway, not
+    # counted twice) while the down projection runs backward, its working set the gradients of its
+    # input and output. (SwiGLU's own backward holds less: its output was freed by the down
+    # projection's backward, and it writes the gradients of gate and up into their storage.)
     recomputed = analysis.estimate(["mlp"])
     assert recomputed.peak_phase == "recomputing mlp"
-    assert recomputed.memory["recompute"] == 2 * wide
-    assert recomputed.memory["working"] == 3 * wide
+    assert recomputed.memory["recompute"] == 3 * wide
+    assert recomputed.memory["working"] == wide + 4 * t * d
     assert recomputed.memory["activations"] == 4 * t * d  # h, the checkpoint's input
-    # Not recomputed: the same moment, with gate and up kept from the forward.
+    # Not recomputed: the same moment, with gate, up and SwiGLU's output kept from the forward.
     plain = analysis.estimate([])
-    assert plain.memory["activations"] == 4 * t * d + 2 * wide and plain.memory["working"] == 3 * wide
+    assert plain.memory["activations"] == 4 * t * d + 3 * wide and plain.memory["working"] == wide + 4 * t * d
     assert plain.peak_bytes == recomputed.peak_bytes
     # With a residual h + mlp(h), h's gradient (from the addition's backward) is alive meanwhile.
     graph = trace(_GatedMLP(d, f, residual=True), {"x": torch.randn(t, d)}, output_fn=lambda out: out)

@@ -130,3 +130,141 @@ def test_cuda_takes_the_fused_kernels():
     q, k, cos, sin = _rotary_inputs(1, 4, 2, 8, 16, torch.bfloat16, "cuda", True, 1)
     q.requires_grad_()
     assert type(apply_rotary(q, k, cos, sin)[0].grad_fn).__name__ == "_RotaryFunctionBackward"
+
+
+# --- in-place input gradients (SwiGLU) --------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_inplace_grads_equal_out_of_place_and_land_in_the_inputs(device, dtype):
+    # gate and up are computed (not leaves), as in the MLP where the projections produce them.
+    gate0 = torch.randn(3, 7, 96, device=device, dtype=dtype) * 2
+    up0 = torch.randn_like(gate0)
+    grad = torch.randn_like(gate0)
+    leaves = [gate0.clone().requires_grad_(), up0.clone().requires_grad_()]
+    out = swiglu(leaves[0] * 1, leaves[1] * 1)
+    expected = torch.autograd.grad(out, leaves, grad)
+    leaves = [gate0.clone().requires_grad_(), up0.clone().requires_grad_()]
+    gate, up = leaves[0] * 1, leaves[1] * 1
+    out_in_place = swiglu(gate, up, inplace_grads=True)
+    *grads, leaf_gate, leaf_up = torch.autograd.grad(out_in_place, [gate, up, *leaves], grad)
+    assert torch.equal(out_in_place, out)
+    # Same kernel (or the same reference ops) either way: equal bit for bit, written into gate and up.
+    for got, want, storage in zip(grads, expected, (gate, up)):
+        assert torch.equal(got, want)
+        assert got.data_ptr() == storage.data_ptr() and torch.equal(storage.detach(), want)
+    # Through the rest of the graph (gate = leaf * 1): the leaves' gradients are the same too.
+    assert torch.equal(leaf_gate, expected[0]) and torch.equal(leaf_up, expected[1])
+    # One tensor as both inputs: the flag cannot apply (one gradient would overwrite the other).
+    x, y = gate0.clone().requires_grad_(), gate0.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(swiglu(x * 1, x * 1), [x], grad)
+    h = y * 1
+    (dy,) = torch.autograd.grad(swiglu(h, h, inplace_grads=True), [y], grad)
+    assert torch.equal(dx, dy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_swiglu_inplace_triton_backward_writes_into_the_inputs():
+    gate = torch.randn(4096, 3584, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    up = torch.randn_like(gate, requires_grad=True)
+    grad = torch.randn_like(gate)
+    out = swiglu(gate, up)
+    assert type(out.grad_fn).__name__ == "_SwiGLUFunctionBackward"
+    expected = torch.autograd.grad(out, [gate, up], grad)
+    g, u = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
+    g2, u2 = g.clone(), u.clone()  # non-leaf inputs, as the projections' outputs are
+    out = swiglu(g2, u2, inplace_grads=True)
+    assert type(out.grad_fn).__name__ == "_SwiGLUFunctionBackward"
+    before = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(out, [g2, u2], grad)
+    assert torch.cuda.memory_allocated() <= before  # nothing new: the gradients live in gate and up
+    for got, want, storage in zip(grads, expected, (g2, u2)):
+        assert torch.equal(got, want) and got.data_ptr() == storage.data_ptr()
+
+
+class _MLP(torch.nn.Module):
+    """A SwiGLU MLP over tokens; ``gate_elsewhere`` also reads gate outside it, ``fused_projection`` takes
+    gate and up as halves (views) of one projection."""
+
+    def __init__(self, d: int, f: int, gate_elsewhere: bool = False, fused_projection: bool = False) -> None:
+        super().__init__()
+        self.gate_up = torch.nn.Linear(d, 2 * f, bias=False)
+        self.gate = torch.nn.Linear(d, f, bias=False)
+        self.up = torch.nn.Linear(d, f, bias=False)
+        self.down = torch.nn.Linear(f, d, bias=False)
+        self.gate_elsewhere, self.fused_projection = gate_elsewhere, fused_projection
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_projection:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        loss = self.down(swiglu(gate, up)).sum()
+        return loss + (gate * gate).sum() if self.gate_elsewhere else loss
+
+
+def _swiglu_ops(graph):
+    return [op for op in graph.ops if op.name.endswith("swiglu")]
+
+
+def _working_and_code(graph, plan_ngpus=1, policy="dp"):
+    """Working bytes of the graph's SwiGLU ops, as estimated and with in-place gradients ruled out, and rank 0's code."""
+    from dimshard.planner.codegen.rank_code import generate_rank_code
+    from dimshard.planner.cost import op_costs
+    from dimshard.planner.plan.resolve import resolve_placements
+    from dimshard.planner.search.policies import POLICIES, PolicyContext
+
+    resolved = resolve_placements(graph, POLICIES[policy](graph, PolicyContext(plan_ngpus)))
+    mesh = resolved.plan.mesh
+
+    def working() -> list[int]:
+        return [op_costs.working_bytes(graph, op, resolved.op_inputs[op.index], resolved.op_outputs[op.index], mesh)
+                for op in _swiglu_ops(graph)]
+
+    estimated = working()
+    real = op_costs.grads_written_in_place
+    op_costs.grads_written_in_place = lambda graph, op: False
+    try:
+        out_of_place = working()
+    finally:
+        op_costs.grads_written_in_place = real
+    return estimated, out_of_place, generate_rank_code(graph, resolved, 0)
+
+
+def test_the_planner_writes_swiglu_gradients_in_place_only_where_nothing_else_reads_its_inputs():
+    from dimshard.planner import trace
+    from dimshard.planner.cost.op_costs import grads_written_in_place
+
+    t, d, f = 32, 8, 48
+    x = torch.randn(t, d)
+    graph = trace(_MLP(d, f), {"x": x}, output_fn=lambda out: out)
+    (op,) = _swiglu_ops(graph)
+    assert grads_written_in_place(graph, op)
+    estimated, out_of_place, code = _working_and_code(graph)
+    # The working set loses exactly the gradients of gate and up: two [tokens, width] fp32 tensors.
+    assert out_of_place[0] - estimated[0] == 2 * t * f * 4 and estimated[0] == t * f * 4
+    assert "inplace_grads=True" in code
+    for variant in (dict(gate_elsewhere=True), dict(fused_projection=True)):
+        graph = trace(_MLP(d, f, **variant), {"x": x}, output_fn=lambda out: out)
+        (op,) = _swiglu_ops(graph)
+        assert not grads_written_in_place(graph, op), variant
+        estimated, out_of_place, code = _working_and_code(graph)
+        assert estimated == out_of_place and "inplace_grads" not in code
+
+
+def test_the_llama_mlp_traced_with_fused_kernels_gets_in_place_gradients_under_tensor_parallelism():
+    from parallel_harness import mini_llama_config
+    from transformers import LlamaForCausalLM
+
+    from dimshard.planner import trace
+    from dimshard.planner.graph.fusion import fused_kernels
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(mini_llama_config())
+    ids = torch.randint(0, 128, (2, 16))
+    with fused_kernels(model):
+        graph = trace(model, {"input_ids": ids, "labels": ids.clone()})
+    estimated, out_of_place, code = _working_and_code(graph, plan_ngpus=2, policy="tp")
+    tokens, width = 2 * 16, 128 // 2  # the MLP width split over 2 ranks
+    assert len(estimated) == 2 and code.count("inplace_grads=True") == 2
+    assert all(o - e == 2 * tokens * width * 4 for o, e in zip(out_of_place, estimated))

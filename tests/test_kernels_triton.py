@@ -91,6 +91,20 @@ def test_swiglu_kernel(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_writes_gradients_in_place(dtype):
+    gate, up = torch.randn(3, 1500, dtype=dtype), torch.randn(3, 1500, dtype=dtype)
+    grad = torch.randn(3, 1500, dtype=dtype)
+    leaves = [gate.clone().requires_grad_(), up.clone().requires_grad_()]
+    expected = torch.autograd.grad(swiglu(*leaves), leaves, grad)
+    inputs = [gate.clone().requires_grad_() * 1, up.clone().requires_grad_() * 1]
+    out = swiglu(*inputs, inplace_grads=True)
+    assert type(out.grad_fn).__name__ == "_SwiGLUFunctionBackward"
+    grads = torch.autograd.grad(out, inputs, grad)
+    for got, want, storage in zip(grads, expected, inputs):
+        assert torch.equal(got, want) and got.data_ptr() == storage.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_kernel(dtype):
     # Transposed q/k views, 3 query heads per key head, head dim with a non-power-of-two half.
     q = torch.randn(2, 5, 6, 24, dtype=dtype).transpose(1, 2)

@@ -43,10 +43,16 @@ def forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up) for contiguous tensors of one shape and dtype."""
-    dgate = torch.empty_like(gate)
-    dup = torch.empty_like(up)
+def backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+             in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) for contiguous tensors of one shape and dtype.
+
+    ``in_place``: d gate is written into ``gate`` and d up into ``up`` (returned as the gradients),
+    allocating nothing; their values are lost. Safe within the kernel: each element is read before
+    it is written, by the same program. ``gate`` and ``up`` must not share memory.
+    """
+    dgate = gate if in_place else torch.empty_like(gate)
+    dup = up if in_place else torch.empty_like(up)
     n = gate.numel()
     if n:
         _swiglu_backward_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, dout, dgate, dup, n, BLOCK=_BLOCK, num_warps=8)
