@@ -3,7 +3,8 @@
 The list is transformers' own (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), so a newer transformers
 brings its new families into tests/test_model_breadth.py by itself. ``family_status`` sorts each
 into: ``dense`` (a dense decoder-only LM: it must trace, compile and match Hugging Face),
-``moe`` (mixture of experts: refused at compile time with planner.graph.hf's message) or
+``moe`` (mixture of experts: ``MOE_EXPERTS_OP`` when its experts run as dimshard's experts op, else
+refused at compile time with planner.graph.hf's message) or
 ``other`` (not a dense decoder-only LM, or needing something beyond dimshard's ops; with the
 reason).
 """
@@ -37,10 +38,26 @@ EXTRA = {
     # Per-layer input embeddings: a small vocabulary there too (the default, 262144, is 134M parameters).
     "gemma4_text": {"head_dim": None, "vocab_size_per_layer_input": 128},
     "gemma4_unified_text": {"head_dim": None, "vocab_size_per_layer_input": 128},
+    # Recurrent mixers (kernels/recurrent/): head groups that split over 4 ranks, chunks shorter than the
+    # sequence, small states; one recurrent and one attention layer in the hybrids.
+    "mamba": {"state_size": 8, "time_step_rank": 8},
+    "falcon_mamba": {"state_size": 8, "time_step_rank": 8},
+    "mamba2": {"num_heads": 8, "head_dim": 16, "n_groups": 4, "state_size": 8, "chunk_size": 8, "time_step_rank": 8},
+    "bamba": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 4, "mamba_d_state": 8, "mamba_chunk_size": 8,
+              "attn_layer_indices": [1]},
+    "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 4, "mamba_d_state": 8, "mamba_d_ssm": 128,
+                  "mamba_chunk_size": 8},
+    "lfm2": {"layer_types": ["conv", "full_attention"]}, "lfm3": {"layer_types": ["conv", "full_attention"]},
 }
 
+# The reason of a mixture-of-experts family whose experts run as dimshard's experts op (kernels/moe).
+MOE_EXPERTS_OP = ("its experts run as dimshard's experts op (transformers' experts interface); "
+                  "tests/test_moe_families.py checks mixtral, qwen2_moe, qwen3_moe, glm4_moe and olmoe")
 ENCODER_AS_DECODER = "a bidirectional encoder with an LM head (is_decoder), not a decoder-only LM"
 STATE_SPACE = "state-space, recurrent or linear-attention layers (conv1d and scans): no op rules for them yet"
+# Hybrids whose recurrent layers run as dimshard's recurrent ops but whose default config routes to experts.
+HYBRID_EXPERTS = ("recurrent layers covered (tests/test_recurrent_families.py, experts turned off); its default "
+                  "config routes to experts, which the mixture-of-experts work covers")
 MULTIMODAL = "a multimodal model (vision, audio or speech tower): only its text decoder would be dense"
 # Families that are not dense decoder-only LMs, or need more than dimshard's ops, with the reason.
 OTHER = {
@@ -48,10 +65,16 @@ OTHER = {
         "bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie", "megatron-bert",
         "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm-roberta", "xlm-roberta-xl",
         "xmod", "xlm", "xlnet", "reformer", "modernbert-decoder")},
-    **{name: STATE_SPACE for name in (
-        "mamba", "mamba2", "falcon_mamba", "bamba", "falcon_h1", "jamba", "zamba", "zamba2", "rwkv",
-        "recurrent_gemma", "xlstm", "qwen3_5", "qwen3_5_text", "qwen3_next", "kimi_linear", "olmo_hybrid",
-        "granitemoehybrid", "nemotron_h", "bailing_hybrid", "lfm2", "lfm3", "lfm2_moe")},
+    **{name: STATE_SPACE for name in ("zamba", "zamba2", "rwkv", "recurrent_gemma", "xlstm", "qwen3_5")},
+    **{name: HYBRID_EXPERTS for name in ("jamba", "qwen3_next", "granitemoehybrid", "nemotron_h")},
+    **{name: "a hybrid whose default config routes to experts; no config of it without experts is tested yet"
+       for name in ("bailing_hybrid", "lfm2_moe")},
+    "olmo_hybrid": ("recurrent layers covered (tests/test_recurrent_families.py); its checkpoint holds the q/k/v "
+                    "short convolutions as one tensor transformers converts on load, which plan.json's checkpoint "
+                    "names leave out, so a save_pretrained folder does not load into train.py"),
+    "kimi_linear": HYBRID_EXPERTS + "; its attention layers write keys into a view, as minicpm3 (KNOWN_GAPS)",
+    "qwen3_5_text": ("its Gated DeltaNet layers pass tests/test_recurrent_families.py; a tiny model with a full "
+                     "attention layer fails at run time (a __setitem__ on a tensor the compiled code does not hold)"),
     **{name: MULTIMODAL for name in (
         "gemma3", "gemma3n", "gemma3n_text", "gemma4", "gemma4_unified", "mllama", "got_ocr2", "fuyu", "emu3", "git",
         "moshi", "musicgen", "musicgen_melody", "moss_transcribe_diarize", "phi4_multimodal", "blt",
@@ -59,6 +82,8 @@ OTHER = {
     "bloom": "ALiBi position biases: dimshard's attention takes no additive bias",
     "mpt": "ALiBi position biases: dimshard's attention takes no additive bias",
     "granite_swa": "attention sinks (s_aux): dimshard's attention has no sink logits",
+    "gpt_oss": "attention sinks (s_aux): dimshard's attention has no sink logits (its experts, with biases and the "
+               "clamped SwiGLU, run as dimshard's experts op: tests/test_moe_experts.py)",
     "dory": "a per-word learned logit scale in the output head: the chunked loss takes one scalar",
 }
 
@@ -117,7 +142,7 @@ def _defaults(model_type: str) -> Any:
 @functools.cache
 def family_status(model_type: str) -> tuple[str, str]:
     """(``dense`` | ``moe`` | ``other``, reason) for a causal-LM model type."""
-    from dimshard.planner.graph.hf import unsupported_reason
+    from dimshard.planner.graph.hf import mixture_of_experts_sign, unsupported_reason
 
     if model_type in OTHER:
         return "other", OTHER[model_type]
@@ -127,9 +152,8 @@ def family_status(model_type: str) -> tuple[str, str]:
         return "other", f"its default config does not build ({type(error).__name__}: {str(error)[:80]})"
     if getattr(config, "is_encoder_decoder", False):
         return "other", "an encoder-decoder model: its decoder is not a decoder-only LM"
-    reason = unsupported_reason(config)
-    if reason is not None:
-        return "moe", reason
+    if mixture_of_experts_sign(config) is not None:
+        return "moe", unsupported_reason(config) or MOE_EXPERTS_OP
     return "dense", ""
 
 

@@ -6,7 +6,8 @@ traced and compiled with dimshard's attention and chunked loss under tp and tp_s
 kernels, as train.py traces on GPU) for 2 ranks;
 one launch of 2 gloo processes then runs every compiled model once, and each loss and merged
 gradient must equal the Hugging Face model's own (one process; its sdpa attention, or eager where it
-has none) within fp32 tolerance. Mixture-of-experts families must be refused at compile time with planner.graph.hf's message.
+has none) within fp32 tolerance. Mixture-of-experts families run their experts as dimshard's experts op
+(tests/test_moe_families.py checks them) or are refused at compile time with planner.graph.hf's message.
 
 ``python tests/test_model_breadth.py --write docs/models.md`` runs the same checks and writes the
 family table.
@@ -25,7 +26,14 @@ from typing import Any
 import pytest
 import torch
 from dist_utils import run_distributed
-from model_families import KNOWN_GAPS, SEQUENCE, causal_lm_families, family_status, tiny_config
+from model_families import (
+    KNOWN_GAPS,
+    MOE_EXPERTS_OP,
+    SEQUENCE,
+    causal_lm_families,
+    family_status,
+    tiny_config,
+)
 from parallel_harness import assert_matches_reference, rank_step, reference_step
 
 TOL = 1e-5  # the loss, absolute
@@ -110,7 +118,7 @@ def check_families(families: list[str], workdir: Path) -> dict[str, dict[str, An
         kind, reason = family_status(family)
         start = time.perf_counter()
         if kind == "moe":
-            report[family] = {"status": "moe", "reason": reason}
+            report[family] = {"status": "experts" if reason == MOE_EXPERTS_OP else "moe", "reason": reason}
             continue
         if kind == "other":
             report[family] = {"status": "other", "reason": reason}
@@ -182,21 +190,23 @@ def test_every_family_has_a_status():
     assert not stale, f"KNOWN_GAPS lists families that are not dense candidates: {stale}"
 
 
-def test_mixture_of_experts_is_refused_at_compile_time():
+def test_mixture_of_experts_run_the_experts_op_or_are_refused_at_compile_time():
     from dimshard.planner.graph.hf import UnsupportedModelError, build_on_meta
 
-    moe = [f for f in causal_lm_families() if family_status(f)[0] == "moe"]
-    assert "mixtral" in moe and "qwen3_moe" in moe
-    with pytest.raises(UnsupportedModelError, match="mixture-of-experts.*dense"):
-        build_on_meta(tiny_config("mixtral"))
+    moe = {f: family_status(f)[1] for f in causal_lm_families() if family_status(f)[0] == "moe"}
+    assert moe["mixtral"] == moe["qwen3_moe"] == MOE_EXPERTS_OP
+    assert moe["jetmoe"] != MOE_EXPERTS_OP  # its experts are a loop over expert modules
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts.*experts interface"):
+        build_on_meta(tiny_config("jetmoe"))
+    assert build_on_meta(tiny_config("mixtral")).config._experts_implementation == "dimshard"
 
 
 def write_table(report: dict[str, dict[str, Any]], path: Path) -> None:
     """docs/models.md: one row per causal-LM family with its status and reason."""
     import transformers
 
-    labels = {"ok": "supported", "failed": "fails", "moe": "unsupported (mixture of experts)",
-              "other": "not covered"}
+    labels = {"ok": "supported", "failed": "fails", "experts": "mixture of experts (dimshard's experts op)",
+              "moe": "unsupported (mixture of experts)", "other": "not covered"}
     counts = {k: sum(1 for e in report.values() if e["status"] == k) for k in labels}
     lines = [
         "# Model families",
@@ -208,10 +218,12 @@ def write_table(report: dict[str, dict[str, Any]], path: Path) -> None:
         f"attention, or eager where it has none) within {TOL:g} (loss) and {GRAD_TOL:g} of each gradient's largest "
         "entry (tests/test_model_breadth.py); and a `save_pretrained` folder of it loads into `train.py`, trains, "
         "merges and exports a folder that `from_pretrained` loads with the trained weights "
-        "(tests/test_family_roundtrip.py). Mixture-of-experts families are refused at compile "
-        "time; the others are not dense decoder-only LMs or need more than dimshard's ops, for the reason given.",
+        "(tests/test_family_roundtrip.py). Mixture-of-experts families whose experts use transformers' experts "
+        "interface run them as dimshard's experts op (docs/design.md, \"Mixture of experts\"); the other "
+        "mixture-of-experts families are refused at compile time; the others are not dense decoder-only LMs or need more than dimshard's ops, for the reason given.",
         "",
-        f"{counts['ok']} supported, {counts['failed']} failing, {counts['moe']} mixture of experts, "
+        f"{counts['ok']} supported, {counts['failed']} failing, {counts['experts']} mixture of experts on dimshard's "
+        f"experts op, {counts['moe']} mixture of experts refused, "
         f"{counts['other']} not covered.",
         "",
         "| family | status | reason |",

@@ -91,6 +91,38 @@ CASES.update({
                                                                                      _t(4, 8, 4))),
     "torch.Tensor.baddbmm": (torch.Tensor.baddbmm, (_t(4, 4), _t(4, 4, 8), _t(4, 8, 4))),
 })
+# The recurrent ops (kernels/recurrent/): batch, heads (Mamba2's head groups) and value channels split.
+from dimshard.kernels import recurrent  # noqa: E402
+
+_GATES = -torch.rand(2, 8, 4, generator=G, dtype=torch.float64)
+CASES.update({
+    "dimshard.kernels.recurrent.delta_rule.gated_delta_rule": (recurrent.gated_delta_rule, (
+        _t(2, 8, 4, 3), F.normalize(_t(2, 8, 4, 3), dim=-1), _t(2, 8, 4, 4), _GATES, _pos(2, 8, 4) - 0.5)),
+    "dimshard.kernels.recurrent.linear_attention.gated_linear_attention": (recurrent.gated_linear_attention, (
+        _t(2, 8, 4, 3), _t(2, 8, 4, 3), _t(2, 8, 4, 4), -torch.rand(2, 8, 4, 3, generator=G, dtype=torch.float64))),
+    "dimshard.kernels.recurrent.ssd.state_space_dual": (recurrent.state_space_dual, (
+        _t(2, 8, 4, 4), _pos(2, 8, 4), -_pos(4), _t(2, 8, 2, 3), _t(2, 8, 2, 3), _t(4), _t(4))),
+    "dimshard.kernels.recurrent.selective_scan.selective_scan": (recurrent.selective_scan, (
+        _t(2, 4, 8), _pos(2, 4, 8), -_pos(4, 3), _t(2, 3, 8), _t(2, 3, 8), _t(4), _t(2, 4, 8), _t(4))),
+    "dimshard.kernels.recurrent.conv.causal_conv1d": (recurrent.causal_conv1d, (_t(2, 4, 8), _t(4, 3), _t(4))),
+})
+
+# Routers and the load-balancing loss (planner/ops/rules/moe.py): top-k values, counts, scatters.
+_PICKS = torch.randint(0, 8, (4, 3), generator=G)
+CASES.update({
+    "torch.topk#values": (lambda x: torch.topk(x, 2, dim=-1).values, (_t(4, 8),)),
+    "torch.Tensor.topk#indices": (lambda x: torch.Tensor.topk(x, 3, dim=-1).indices.double(), (_t(4, 8),)),
+    "torch.histc": (torch.histc, (_t(16), 4, -1.0, 1.0)),
+    "torch.Tensor.histc": (torch.Tensor.histc, (_t(4, 6), 5, -2.0, 2.0)),
+    "torch.Tensor.scatter": (torch.Tensor.scatter, (_t(4, 8), 1, _PICKS, _t(4, 3))),
+    "torch.scatter_add": (torch.scatter_add, (_t(4, 8), 1, _PICKS, _t(4, 3))),
+    "torch.Tensor.scatter_add": (torch.Tensor.scatter_add, (_t(4, 8), 1, _PICKS, _t(4, 3))),
+    "torch.scatter": (torch.scatter, (_t(4, 8), 1, _PICKS, _t(4, 3))),
+    "torch.bincount#counts": (lambda x: torch.bincount(x, minlength=8).double(), (_PICKS.reshape(-1),)),
+    "torch.Tensor.bincount#weighted": (lambda x, w: torch.Tensor.bincount(x, w, minlength=8),
+                                       (_PICKS.reshape(-1), _t(12))),
+})
+
 # Registered rules without a generic case yet (factories, indexing, rules of kernels tested in
 # tests/test_kernels_*.py, integer and comparison ops): listed so that a new rule still fails.
 UNCOVERED = {
@@ -98,6 +130,9 @@ UNCOVERED = {
     # fused-kernel and chunked-loss parallel equivalence cases.
     'dimshard.kernels.attention.attention', 'dimshard.kernels.chunk_linear_cross_entropy.chunk_linear_cross_entropy',
     'dimshard.kernels.rms_norm.rms_norm', 'dimshard.kernels.rotary.apply_rotary', 'dimshard.kernels.swiglu.swiglu',
+    # A split FP8 linear equals the unsplit one only with its amaxes reduced over the split's process
+    # group, which one process cannot give: tested on 2 gloo ranks in tests/test_fp8_split.py.
+    'dimshard.kernels.fp8.linear.fp8_linear',
     'torch.Tensor.T.__get__', 'torch.Tensor.__and__', 'torch.Tensor.__eq__', 'torch.Tensor.__floordiv__',
     'torch.Tensor.__ge__', 'torch.Tensor.__getitem__', 'torch.Tensor.__gt__', 'torch.Tensor.__invert__',
     'torch.Tensor.__le__', 'torch.Tensor.__lt__', 'torch.Tensor.__mod__', 'torch.Tensor.__ne__',
@@ -149,7 +184,12 @@ UNCOVERED = {
     'torch.std', 'torch.sub_', 'torch.tanh_', 'torch.tensor', 'torch.transpose', 'torch.tril', 'torch.triu',
     'torch.type', 'torch.unflatten', 'torch.unsqueeze', 'torch.var', 'torch.zeros', 'torch.zeros_like',
 }
+# The in-place scatters share their rule with the cases above; the experts op is tested against its
+# reference, split over experts, in tests/test_moe_experts.py.
+UNCOVERED |= {"torch.Tensor.scatter_", "torch.Tensor.scatter_add_", "dimshard.kernels.moe.experts.moe_experts"}
 
+# Tuple outputs, like torch.split's; Mamba's scan wrapper calls it (tests/test_recurrent_families.py).
+UNCOVERED.add("torch.tensor_split")
 
 def _split_cases() -> list[tuple[str, str, int]]:
     out = []

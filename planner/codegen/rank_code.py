@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 
+from ..cost.op_costs import grads_written_in_place
 from ..graph.ir import BUFFER, CONSTANT, DEVICE, INPUT, PARAMETER, Graph, Op, TensorRef
 from ..ops.registry import reachable_as
 from ..plan.collectives import COLLECTIVES_TABLE
 from ..plan.placements import Replicate, ResolvedPlan, Shard, TensorPlacement
 from ..plan.redistribute import redistribution_steps
 from ..plan.sequence_split import plan_layout
-from .sequence_split_code import attention_code, reorder_import, zigzag_step
+from .fp8_code import FP8_IMPORT, fp8_linear_code
+from .sequence_split_code import attention_code, recurrent_code, reorder_import, zigzag_step
 
 
 class CodegenError(RuntimeError):
@@ -51,6 +53,8 @@ def shard_holders(placement: TensorPlacement, mesh: Any, unit_rank: int) -> tupl
 
 
 def _emit_value(x: Any) -> str:
+    if type(x).__module__ == "numpy" and hasattr(x, "item"):
+        x = x.item()  # a numpy scalar (CTRL's np.sqrt(d)) as the Python number: generated code imports no numpy
     if isinstance(x, bool) or x is None:
         return repr(x)
     if isinstance(x, float):
@@ -99,8 +103,10 @@ class _Block:
 
 
 class _Writer:
-    def __init__(self, graph: Graph, resolved: ResolvedPlan, unit_rank: int) -> None:
+    def __init__(self, graph: Graph, resolved: ResolvedPlan, unit_rank: int,
+                 fp8: dict[int, str] | None = None) -> None:
         self.graph = graph
+        self.fp8 = fp8 or {}  # op index -> FP8 recipe (planner/search/fp8_choice.py)
         self.resolved = resolved
         self.mesh = resolved.plan.mesh
         self.unit_rank = unit_rank
@@ -179,7 +185,18 @@ class _Writer:
         if axis is not None:  # attention split along the sequence: the op exchanges K/V over the axis's group
             self.imports["sequence_split_attention"], call = attention_code(
                 op, axis, [local[t] for t in in_ids[:3]], f"self.groups[{self.mesh.axis_names[axis]!r}]")
+        elif op.index in self.zigzag.recurrent_ops:  # a recurrent op split along the sequence: state passed inside
+            axis, layout = self.zigzag.recurrent_ops[op.index]
+            name, self.imports[name], call = recurrent_code(
+                op, [emit(a) for a in args], {k: emit(v) for k, v in kwargs.items()},
+                f"self.groups[{self.mesh.axis_names[axis]!r}]", layout)
+        elif op.index in self.fp8:  # a linear chosen for FP8: fp8_linear with its split's groups
+            self.imports["fp8_linear"] = FP8_IMPORT
+            call = fp8_linear_code(op.index, [emit(a) for a in args], {k: emit(v) for k, v in kwargs.items()},
+                                   self.fp8[op.index], self.resolved)
         else:
+            if grads_written_in_place(self.graph, op):  # the backward writes its input gradients into its inputs
+                kwargs = {**kwargs, op.record.grads_in_place: True}
             call = self.call_expr(op, list(args), kwargs, emit)
         outs = self.output_target(op)
         defines = [f"t{t}" for t in op.output_ids()]
@@ -302,9 +319,11 @@ def _main_body(writer: _Writer) -> list[str]:
     return lines
 
 
-def generate_rank_code(graph: Graph, resolved: ResolvedPlan, unit_rank: int, header: str = "") -> str:
-    """Source of ``gencode/rank{unit_rank}.py`` for a resolved plan."""
-    writer = _Writer(graph, resolved, unit_rank)
+def generate_rank_code(graph: Graph, resolved: ResolvedPlan, unit_rank: int, header: str = "",
+                       fp8: dict[int, str] | None = None) -> str:
+    """Source of ``gencode/rank{unit_rank}.py`` for a resolved plan; ``fp8``: op index -> recipe of the
+    linears written as ``fp8_linear`` (``search/fp8_choice.py``'s ``Fp8Choice.ops()``)."""
+    writer = _Writer(graph, resolved, unit_rank, fp8)
     writer.build()
     body = _main_body(writer)
     mesh = resolved.plan.mesh

@@ -15,7 +15,7 @@ from ..plan.gradient_buffers import grad_buffer_bytes
 from ..plan.placements import Mesh, Shard, TensorPlacement, local_shape
 from ..plan.redistribute import Step, redistribution_steps, step_bytes
 from .hardware import HardwareProfile
-from .sequence_split_cost import exchange_buffer_bytes, sequence_split_cost
+from .sequence_split_cost import exchange_buffer_bytes, recurrent_split_cost, sequence_split_cost
 from .topology import axis_collective_seconds, collective_seconds, replicas_cross_nodes
 
 
@@ -51,6 +51,14 @@ def op_cost(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorP
     same_dtype = bool(in_t and out_t) and in_t[0].dtype == out_t[0].dtype
     if record.cost == "view" or (record.cost == "cast" and same_dtype):
         return OpCost(0.0, 0.0, 0.0, 0.0, "view")
+    recurrent = recurrent_split_cost(graph, op, ins, mesh, hw)  # a sequence split recurrent op: states passed inside
+    if recurrent is not None:
+        return OpCost(recurrent.flops, nbytes, recurrent.forward_s, recurrent.backward_s,
+                      "matmul" if record.recurrence is not None else "memory", 2 * recurrent.flops * has_backward)
+    if record.cost == "recurrent" and record.recurrence is not None:  # a chunked scan (RecurrenceDims.flops)
+        flops = record.recurrence(op, in_shapes).flops()
+        fwd = max(flops / hw.matmul_rate(in_t[0].dtype), nbytes / hw.copy_rate) + launch
+        return OpCost(flops, nbytes, fwd, 2 * fwd if has_backward else 0.0, "matmul", 2 * flops * has_backward)
     if record.cost == "matmul" and len(in_shapes) >= 2 and in_shapes[0]:
         flops = 2.0 * numel(out_shapes[0]) * in_shapes[0][-1]
         fwd = max(flops / hw.matmul_rate(in_t[0].dtype), nbytes / hw.copy_rate) + launch
@@ -80,8 +88,31 @@ def op_cost(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorP
         grad_bytes = float(sum(numel(s) * dtype_bytes(t.dtype) for s, t in zip(in_shapes[:2], in_t[:2])))
         bwd = 2 * grad_bytes / hw.copy_rate + launch
         return OpCost(3 * flops, nbytes, fwd, bwd, "matmul", 0.0)
+    if record.cost == "grouped_matmul" and len(in_shapes) >= 6 and in_shapes[3]:
+        flops = grouped_matmul_flops(in_shapes, in_t[3].shape[0])
+        fwd = max(flops / hw.matmul_rate(in_t[0].dtype), nbytes / hw.copy_rate) + 2 * launch
+        # Its backward runs the forward again (kernels/moe/experts.py keeps only the inputs), then twice its work.
+        return OpCost(flops, nbytes, fwd, 3 * fwd if has_backward else 0.0, "matmul", 3 * flops * has_backward)
     fwd = nbytes / hw.copy_rate + launch
     return OpCost(0.0, nbytes, fwd, 2 * fwd if has_backward else 0.0, "memory")
+
+
+# Routing is assumed imbalanced by this factor on the busiest rank once experts split: a
+# load-balancing loss keeps the mean even, not every step's maximum (docs/design.md, "Mixture of experts").
+EXPERT_IMBALANCE = 1.25
+
+
+def grouped_matmul_flops(in_shapes: list[tuple[int, ...]], experts: int) -> float:
+    """Forward FLOPs of the routed experts on one rank: each of its (token, slot) pairs through one expert.
+
+    ``in_shapes`` are the local shapes of (hidden [t, d], top-k ids [t, k], weights, expert ids
+    [e_local], gate_up, down, ...): ``2 * t * k * e_local / e`` pairs times the weights of one
+    expert, times ``EXPERT_IMBALANCE`` when the experts are split.
+    """
+    (tokens, _), slots, local = in_shapes[0], in_shapes[1][-1], in_shapes[3][0]
+    weights_per_expert = (numel(in_shapes[4]) + numel(in_shapes[5])) / local
+    imbalance = EXPERT_IMBALANCE if local < experts else 1.0
+    return 2.0 * tokens * slots * (local / experts) * weights_per_expert * imbalance
 
 
 def saved_inputs(graph: Graph, op: Op) -> list[int]:
@@ -106,16 +137,64 @@ def saves_output(op: Op) -> bool:
     return op.record.saved == "inputs_and_output"
 
 
+def grads_written_in_place(graph: Graph, op: Op) -> bool:
+    """Whether ``op`` may write its input gradients into its inputs' storage (its record's
+    ``grads_in_place`` argument, passed True by codegen; the cost model then leaves those gradients
+    out of its working set).
+
+    Conservative: only when nothing else can see those inputs. Each input is a distinct
+    floating-point activation of the output's shape and dtype, not a graph output, produced by a
+    product (a matmul-class op: a fresh buffer, never a view, and no product keeps its output), and
+    read by this op alone; so no other op saves it or reads it through a view, and its value is
+    dead once this op's backward has read it.
+    """
+    if op.record.grads_in_place is None:
+        return False
+    in_ids, out_ids = op.input_ids(), op.output_ids()
+    if not in_ids or len(set(in_ids)) != len(in_ids) or not out_ids:
+        return False
+    out = graph.tensors[out_ids[0]]
+    if not out.requires_grad:
+        return False
+    readers = _reader_counts(graph)
+    graph_outputs = set(graph.output_ids())
+    for tid in in_ids:
+        t = graph.tensors[tid]
+        if (t.kind != ACTIVATION or not t.dtype.is_floating_point or t.shape != out.shape or t.dtype != out.dtype
+                or tid in graph_outputs or t.producer is None or readers.get(tid, 0) != 1):
+            return False
+        if graph.ops[t.producer].record.cost != "matmul":
+            return False
+    return True
+
+
+def _reader_counts(graph: Graph) -> dict[int, int]:
+    """Tensor id -> number of reads by ops, cached on the graph (the search prices every op many times)."""
+    cached = graph.__dict__.get("_reader_counts")
+    if cached is None or cached[0] != len(graph.ops):
+        counts: dict[int, int] = {}
+        for each in graph.ops:
+            for tid in each.input_ids():
+                counts[tid] = counts.get(tid, 0) + 1
+        cached = (len(graph.ops), counts)
+        graph.__dict__["_reader_counts"] = cached
+    return cached[1]
+
+
 def working_bytes(graph: Graph, op: Op, ins: list[TensorPlacement], outs: list[TensorPlacement], mesh: Mesh) -> int:
-    """Transient bytes while ``op`` runs backward: gradients of its local activations, plus a loss chunk."""
+    """Transient bytes while ``op`` runs backward: gradients of its local activations, plus a loss chunk.
+
+    Gradients an op writes into its inputs' storage (``grads_written_in_place``) take no new bytes.
+    """
     if not any(graph.tensors[t].requires_grad for t in op.output_ids()):
         return 0
     total = 0
-    for tid, p in list(zip(op.input_ids(), ins)) + list(zip(op.output_ids(), outs)):
+    in_place = set(op.input_ids()) if grads_written_in_place(graph, op) else set()
+    for tid, p in [(t, p) for t, p in zip(op.input_ids(), ins) if t not in in_place] + list(zip(op.output_ids(), outs)):
         t = graph.tensors[tid]
         if t.kind == ACTIVATION and t.dtype.is_floating_point:
             total += numel(local_shape(t.shape, p, mesh)) * dtype_bytes(t.dtype)
-    total += int(exchange_buffer_bytes(graph, op, ins, mesh))  # K/V exchange of a sequence-split attention
+    total += int(exchange_buffer_bytes(graph, op, ins, mesh))  # K/V (attention) or state exchange of a sequence split
     if op.record.cost == "linear_cross_entropy":
         hidden = local_shape(graph.tensors[op.input_ids()[0]].shape, ins[0], mesh)
         vocab = local_shape(graph.tensors[op.input_ids()[1]].shape, ins[1], mesh)[0]
@@ -241,3 +320,66 @@ def replica_count(placement: TensorPlacement, mesh: Mesh) -> int:
             n *= mesh.shape[axis]
     return n
 
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 linear layers (docs/design.md, "FP8")
+# --------------------------------------------------------------------------------------------
+
+# Kernels of one quantisation in kernels/fp8/scaling.py (amax, scale, the cast): a cast takes at least their
+# launches; a large one its bytes at the measured rate (whose measurement includes them).
+FP8_CAST_KERNELS = 4
+# The casts of each recipe's products (kernels/fp8/linear.py): (phase, operand, amax over, two layouts).
+# The operand is x [m, k], w [n, k] or g [m, n] (the output gradient); "amax over" names the dims whose
+# splits reduce that cast's amax (a rowwise scale covers one row or column; "" for a tensorwise backward
+# cast that reuses the forward's scale); a cast writing both layouts from one read (the tensorwise
+# gradient, for both of its products) writes its FP8 bytes twice. Each cast writes the layout its product
+# takes, so no separate transposing copy runs.
+_FP8_CASTS = {
+    "tensorwise": (("forward", "x", "mk", False), ("forward", "w", "nk", False),
+                   ("backward", "g", "mn", True), ("backward", "w", "", False), ("backward", "x", "", False)),
+    "rowwise": (("forward", "x", "k", False), ("forward", "w", "k", False), ("backward", "g", "n", False),
+                ("backward", "w", "n", False), ("backward", "g", "m", False), ("backward", "x", "m", False)),
+    "rowwise_gw_hp": (("forward", "x", "k", False), ("forward", "w", "k", False), ("backward", "g", "n", False),
+                      ("backward", "w", "n", False)),
+}
+
+
+def fp8_linear_cost(m: int, n: int, k: int, itemsize: int, recipe: str, split_sizes: dict[str, list[int]],
+                    hw: HardwareProfile, has_backward: bool = True) -> OpCost | None:
+    """A linear of local sizes m x k by k x n (``itemsize`` bytes per element) with its products in FP8.
+
+    Products at the profile's FP8 rate for the recipe's scaling (the weight gradient of
+    ``rowwise_gw_hp`` at the bf16 rate), each cast's high-precision bytes at ``fp8_cast_gbps`` (at
+    least its kernels' launches; a second layout's FP8 bytes at the copy bandwidth), and one all-reduce (MAX) of the amaxes per mesh axis splitting a scale's elements: ``split_sizes``
+    maps ``m``, ``n``, ``k`` to the sizes of the axes that split them. None when the profile has no
+    measured FP8 rate for the recipe (``HardwareProfile.fp8_unavailable``).
+    """
+    scaling = "rowwise" if recipe.startswith("rowwise") else "tensorwise"
+    if hw.fp8_unavailable(scaling):
+        return None
+    launch = hw.kernel_launch_us * 1e-6
+    sizes = {"x": (m, k), "w": (n, k), "g": (m, n)}
+    dims = {"x": "mk", "w": "nk", "g": "mn"}
+    seconds = {"forward": 0.0, "backward": 0.0}
+    for phase, operand, over, two_layouts in _FP8_CASTS[recipe]:
+        if phase == "backward" and not has_backward:
+            continue
+        rows, cols = sizes[operand]
+        seconds[phase] += max(rows * cols * itemsize / (hw.fp8_cast_gbps * 1e9), FP8_CAST_KERNELS * launch)
+        if two_layouts:  # the second layout's FP8 bytes
+            seconds[phase] += rows * cols / hw.copy_rate
+        # amax values reduced: one per tensor, or one per row / column the scale runs along.
+        kept = [d for d in dims[operand] if d not in over]
+        amax_bytes = 4 * (dict(zip("mnk", (m, n, k)))[kept[0]] if len(over) == 1 else 1)
+        for dim in over:
+            for size in split_sizes.get(dim, []):
+                seconds[phase] += hw.collective_seconds("all_reduce", 2 * amax_bytes * (size - 1) / size, size)
+    rate = hw.fp8_matmul_tflops[scaling] * 1e12
+    flops = 2.0 * m * n * k
+    forward_s = flops / rate + launch + seconds["forward"]
+    if not has_backward:
+        return OpCost(flops, 0.0, forward_s, 0.0, "matmul")
+    weight_gradient_rate = rate if recipe != "rowwise_gw_hp" else hw.matmul_rate(torch.bfloat16)
+    backward_s = flops / rate + flops / weight_gradient_rate + 2 * launch + seconds["backward"]
+    return OpCost(flops, 0.0, forward_s, backward_s, "matmul", 2 * flops)

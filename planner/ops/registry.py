@@ -16,7 +16,16 @@ or a registered function's import path):
 - ``mutates_first_arg``: the call writes its first argument and returns nothing (``x[i] = v``);
 - ``mask_density(op, queries, keys)``: for attention, the fraction of the scores a call
   computes (0.5 when causal; None: all);
-- ``role``: what policies may look for (``ROLES``), e.g. ``"token_loss"``.
+- ``role``: what policies may look for (``ROLES``), e.g. ``"token_loss"``;
+- ``grads_in_place``: the keyword argument (SwiGLU's ``"inplace_grads"``) with which the op writes
+  its input gradients into its inputs' storage; codegen passes it True, and the cost model drops
+  those gradients from the op's working set, where ``op_costs.grads_written_in_place`` allows;
+- ``recurrence(call_op, input_shapes)``: for the ``recurrent`` cost class, the chunked recurrence a call
+  runs on the given (local) input shapes, a ``RecurrenceDims`` (its FLOPs and state size);
+- ``sequence_split``: the import path of the same op with its sequence (the annotation name ``l``)
+  split across a process group, same arguments plus the keywords ``group`` and ``layout``
+  (``"contiguous"`` or ``"zigzag"``); the planner may then split ``l`` although the annotation
+  freezes it (``planner/plan/sequence_split.py``).
 
 ``set_rule(names, rule, **facts)`` registers or amends records (facts not given keep their
 current value); ``register_op(annotation, **facts)`` makes a user function one op. The built-in
@@ -77,6 +86,10 @@ COST_CLASSES = {
     "matmul": "2*m*n*k FLOPs at the matmul rate, or its bytes when longer (linear, matmul, bmm)",
     "attention": "2*b*h*l*s*(e+f) FLOPs times mask_density at the attention rate; inputs (query, key, value) first",
     "linear_cross_entropy": "a projection (hidden, weight, labels, ...) with the gradients taken in the forward",
+    "grouped_matmul": "routed experts (hidden, top-k ids, top-k weights, expert ids, weights...): 2*t*k*(local "
+                      "experts/experts)*weight elements FLOPs at the matmul rate (docs/design.md, \"Mixture of experts\")",
+    "recurrent": "a chunked linear recurrence (the record's ``recurrence``): RecurrenceDims.flops at the matmul "
+                 "rate, or its bytes when longer (docs/design.md, \"Recurrent layers\")",
 }
 # What an op keeps for backward (planner/cost/op_costs.py ``saved_inputs`` and ``saves_output``).
 SAVES = {
@@ -91,7 +104,37 @@ ROLES = {
     "token_loss": "a per-token loss of (hidden, weight, labels): policies split its sequence dim",
     "projection": "a linear layer x @ weight.T: policies seed tensor parallelism on it",
     "embedding": "the token embedding lookup: policies seed sequence and batch splits on it",
+    "experts": "a mixture-of-experts layer's routed experts (kernels/moe): policies split its expert dim e",
 }
+
+
+@dataclass(frozen=True)
+class RecurrenceDims:
+    """The chunked linear recurrence a recurrent op runs (cost class ``recurrent``): ``sequences`` independent
+    recurrences (batch x heads, or batch x channels for Mamba's scan) of ``tokens`` tokens, each with a
+    state of ``key_dim`` x ``value_dim``, cut into chunks of ``chunk`` tokens; ``delta``: the delta rule's
+    corrections (kernels/recurrent/chunked.py)."""
+
+    sequences: int
+    tokens: int
+    key_dim: int
+    value_dim: int
+    chunk: int
+    delta: bool = False
+
+    def flops(self, value_dim: int | None = None) -> float:
+        """Forward FLOPs of the chunked form (``value_dim`` overrides the state's columns).
+
+        Per recurrence and token, with c = min(chunk, tokens), dk = key_dim, dv = value_dim: the
+        chunk's scores q k^T (2 c dk) and their product with the values (2 c dv), the state read
+        q S and update k^T v (4 dk dv); the delta rule adds k k^T (2 c dk), the unit triangular solve
+        for both right-hand sides, beta v and beta k (c (dk + dv)), and W_k S (2 dk dv):
+        ``2 c (dk + dv) + 4 dk dv`` (linear attention, SSD, selective scan) or
+        ``c (5 dk + 3 dv) + 6 dk dv`` (delta rule), times sequences x tokens.
+        """
+        dk, dv, c = self.key_dim, self.value_dim if value_dim is None else value_dim, min(self.chunk, self.tokens)
+        per_token = c * (5 * dk + 3 * dv) + 6 * dk * dv if self.delta else 2 * c * (dk + dv) + 4 * dk * dv
+        return float(self.sequences) * self.tokens * per_token
 
 
 @dataclass(frozen=True)
@@ -109,6 +152,9 @@ class OpRecord:
     mutates_first_arg: bool = False
     mask_density: Callable[[Any, int, int], float] | None = None
     role: str | None = None
+    grads_in_place: str | None = None
+    recurrence: Callable[[Any, list[tuple[int, ...]]], RecurrenceDims] | None = None
+    sequence_split: str | None = None
 
     @property
     def saved(self) -> str:
@@ -154,8 +200,9 @@ def set_rule(names: str | list[str], rule: Any = _KEEP, **facts: Any) -> None:
 
     ``rule`` is an annotation string or a rule function; ``facts`` are ``OpRecord`` fields
     (``cost``, ``saves``, ``operator``, ``substitute``, ``localize``, ``traced``,
-    ``mutates_first_arg``, ``mask_density``, ``role``). What is not given keeps its current value
-    (a new record starts from the defaults). Raises AnnotationError for a malformed annotation
+    ``mutates_first_arg``, ``mask_density``, ``role``, ``grads_in_place``, ``recurrence``,
+    ``sequence_split``). What is not given keeps
+    its current value (a new record starts from the defaults). Raises AnnotationError for a malformed annotation
     string and ValueError/TypeError for an unknown fact or value, at registration time.
     """
     names = [names] if isinstance(names, str) else list(names)

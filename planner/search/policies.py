@@ -190,6 +190,61 @@ def tp_sp(graph: Graph, ctx: PolicyContext) -> Plan:
     return _plan_by_seeds(graph, mesh, [seed], ctx, "tp_sp", split_partials=True)
 
 
+def _experts_seed(graph: Graph, op: Op) -> str | None:
+    """A mixture-of-experts layer's routed experts split their expert dim (each rank its share of experts)."""
+    if op.record.role == "experts" and op.annotation is not None and "e" in op.annotation.splittable():
+        return "e"
+    return None
+
+
+def ep(graph: Graph, ctx: PolicyContext) -> Plan:
+    """Expert parallelism: experts split over all plan_ngpus, every dense op as ``tp_sp`` splits it.
+
+    Each rank computes its experts' share of every token's output, a partial sum reduced like a
+    row-parallel projection's (docs/design.md, "Mixture of experts"). With the policy option
+    ``ep_size`` below plan_ngpus the mesh is ``tp x ep``: dense ops as ``tp_sp`` on ``tp`` and
+    split by batch on ``ep``, experts split on ``ep`` (attention and experts on different axes).
+    """
+    ep_size = int((ctx.extra or {}).get("ep_size") or ctx.plan_ngpus)
+    if ep_size < 1 or ctx.plan_ngpus % ep_size:
+        raise PlanError(f"policy 'ep': ep_size {ep_size} must divide plan_ngpus {ctx.plan_ngpus}")
+
+    def dense_seed(g: Graph, op: Op) -> str | None:
+        return _tp_seed(g, op) or _sequence_seed(g, op)
+
+    if ep_size == ctx.plan_ngpus:
+        def seed(g: Graph, op: Op) -> str | None:
+            return _experts_seed(g, op) or dense_seed(g, op)
+
+        return _plan_by_seeds(graph, Mesh(("ep",), (ctx.plan_ngpus,)), [seed], ctx, "ep", split_partials=True)
+
+    def experts_or_batch_seed(g: Graph, op: Op) -> str | None:
+        return _experts_seed(g, op) or _batch_seed(g, op)
+
+    mesh = Mesh(("tp", "ep"), (ctx.plan_ngpus // ep_size, ep_size))
+    return _plan_by_seeds(graph, mesh, [dense_seed, experts_or_batch_seed], ctx, "ep", split_partials=True)
+
+
+def _attention_sequence_seed(graph: Graph, op: Op) -> str | None:
+    """A causal attention op or a recurrent op splits its sequence (planner/plan/sequence_split.py)."""
+    from ..plan.sequence_split import extra_split_names
+
+    names = extra_split_names(op)
+    return names[0] if names else _sequence_seed(graph, op)
+
+
+def cp(graph: Graph, ctx: PolicyContext) -> Plan:
+    """Context parallelism over all plan_ngpus: the sequence of every softmax attention split (zigzag layout,
+    K/V passed inside the op), the residual stream split along the sequence from the embedding on.
+
+    Recurrent layers (kernels/recurrent/) split their sequence too, in the same layout: each scan and
+    short convolution passes its state (or its last k - 1 tokens) between the ranks inside the op
+    (``kernels/recurrent/sequence_split.py``; docs/design.md, "Recurrent layers").
+    """
+    mesh = Mesh(("cp",), (ctx.plan_ngpus,))
+    return _plan_by_seeds(graph, mesh, [_attention_sequence_seed], ctx, "cp", split_partials=True)
+
+
 def tp_batch(graph: Graph, ctx: PolicyContext) -> Plan:
     """2-D: tensor parallel on axis 'tp' (size 2) times batch split on axis 'batch' (the rest)."""
     if ctx.plan_ngpus % 2 or ctx.plan_ngpus < 4:
@@ -221,7 +276,8 @@ def register_policy(name: str, fn: Policy | None = None, *, replace: bool = Fals
     return register if fn is None else register(fn)
 
 
-for _name, _policy in (("dp", dp), ("tp", tp), ("tp_sp", tp_sp), ("tp_batch", tp_batch)):
+for _name, _policy in (("dp", dp), ("tp", tp), ("tp_sp", tp_sp), ("tp_batch", tp_batch), ("ep", ep),
+                        ("cp", cp)):
     register_policy(_name, _policy)
 
 

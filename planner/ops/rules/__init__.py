@@ -10,6 +10,18 @@ axis (``plan/resolve.py``). Each rule has a case in tests/test_op_rules.py; furt
 families are exercised end to end by tests/test_model_breadth.py.
 """
 
-from . import attention, elementwise, embedding, factories, losses, products, reductions, shapes
+from . import (
+    attention,
+    elementwise,
+    embedding,
+    factories,
+    losses,
+    moe,
+    products,
+    recurrent,
+    reductions,
+    shapes,
+)
 
-__all__ = ["attention", "elementwise", "embedding", "factories", "losses", "products", "reductions", "shapes"]
+__all__ = ["attention", "elementwise", "embedding", "factories", "losses", "moe", "products", "recurrent", "reductions",
+           "shapes"]
