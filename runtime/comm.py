@@ -20,6 +20,7 @@ So every forward transition A -> B has the backward transition grad(B) -> grad(A
 | local_slice     | Replicate -> Shard(dim)     | zero-padded placement, no comm    |
 | replicate_to_partial | Replicate -> Partial   | itself: first rank keeps, no comm |
 | scale_grad      | identity                    | grad * factor                     |
+| token_all_to_all | rows to the ranks counted  | the same with the counts transposed |
 
 The planner's table of collectives (``planner/plan/collectives.py``) names each of these functions
 with its backward kind, bytes and the call codegen writes; a new collective is an entry there,
@@ -38,8 +39,8 @@ import torch.distributed as dist
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
-__all__ = ["all_gather", "all_reduce", "all_to_all", "local_slice", "reduce_scatter", "replicate_to_partial",
-           "scale_grad"]
+__all__ = ["all_gather", "all_reduce", "all_to_all", "exchange_counts", "local_slice", "reduce_scatter",
+           "replicate_to_partial", "scale_grad", "token_all_to_all"]
 
 # torch renamed the single-tensor collectives (all_gather_into_tensor -> all_gather_single);
 # the old names still work on the torch versions we support but emit a FutureWarning.
@@ -162,6 +163,25 @@ def _exchange(
     return torch.cat(received.unbind(0), dim=gather_dim)
 
 
+def _exchange_rows(x: torch.Tensor, counts: list[list[int]], group: ProcessGroup | None, size: int,
+                   rank: int) -> torch.Tensor:
+    """Rows of ``x`` to other ranks: ``counts[i][j]`` rows go from rank i to rank j, in rank order both ways."""
+    send, receive = counts[rank], [row[rank] for row in counts]
+    x = x.contiguous()
+    if _GLOO_FALLBACKS and _uses_gloo(x, group):
+        # every rank gets every rank's rows (padded to the longest) and keeps those sent to it
+        longest = max(sum(row) for row in counts)
+        padded = x.new_zeros((longest, *x.shape[1:]))
+        padded[:x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(parts, padded, group=group)
+        starts = [sum(row[:rank]) for row in counts]
+        return torch.cat([part[start:start + n] for part, start, n in zip(parts, starts, receive)])
+    out = x.new_empty((sum(receive), *x.shape[1:]))
+    _all_to_all_single(out, x, receive, send, group=group)
+    return out
+
+
 def _take_chunk(x: torch.Tensor, dim: int, size: int, rank: int) -> torch.Tensor:
     # a compact copy, so the full replicated tensor can be freed once its other uses are done
     return _contiguous_as(x.chunk(size, dim)[rank], x.dtype, fresh=True)
@@ -240,6 +260,21 @@ class _AllToAll(torch.autograd.Function):
         # the inverse exchange: split the gradient along gather_dim, concatenate along scatter_dim
         grad_input = _exchange(grad, ctx.scatter_dim, ctx.gather_dim, ctx.group, ctx.size, ctx.rank)
         return grad_input, None, None, None, None, None
+
+
+class _TokenAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, counts: list[list[int]], group: ProcessGroup | None,
+                size: int, rank: int) -> torch.Tensor:
+        ctx.counts, ctx.group, ctx.size, ctx.rank = counts, group, size, rank
+        return _exchange_rows(x, counts, group, size, rank)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # the rows' gradients go back where the rows came from: the counts transposed
+        transposed = [list(column) for column in zip(*ctx.counts)]
+        return _exchange_rows(grad, transposed, ctx.group, ctx.size, ctx.rank), None, None, None, None
 
 
 class _LocalSlice(torch.autograd.Function):
@@ -345,6 +380,37 @@ def all_to_all(
     if size == 1:
         return x
     return _AllToAll.apply(x, gather_dim, scatter_dim, group, size, rank)
+
+
+def exchange_counts(send_counts: torch.Tensor, group: ProcessGroup | None) -> list[list[int]]:
+    """Every rank's row counts for every rank: ``counts[i][j]`` is what rank i sends rank j.
+
+    ``send_counts`` [group size] (integers, on the device of the data) is this rank's row of it. One
+    all-gather of group-size integers per rank; the result is on the host, as split sizes must be.
+    """
+    size, _ = _group_size_and_rank(group, "exchange_counts")
+    if size == 1:
+        return [send_counts.tolist()]
+    mine = send_counts.to(torch.int64).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(parts, mine, group=group)
+    return torch.stack(parts).tolist()
+
+
+def token_all_to_all(x: torch.Tensor, counts: list[list[int]], group: ProcessGroup | None) -> torch.Tensor:
+    """Rows of ``x`` [n, ...] to the ranks that want them, uneven counts: ``counts`` from ``exchange_counts``.
+
+    ``x``'s rows are grouped by destination (``counts[me][0]`` rows for rank 0, then rank 1's, ...,
+    summing to n); the result holds the rows every rank sent this one, grouped by source in rank order
+    ([sum_i counts[i][me], ...]). The experts' dispatch and, with the counts transposed, their combine
+    (kernels/moe/dispatch.py). Backward sends each row's gradient back to the rank it came from.
+    """
+    size, rank = _group_size_and_rank(group, "token_all_to_all")
+    if x.shape[0] != sum(counts[rank]):
+        raise ValueError(f"token_all_to_all: {x.shape[0]} rows to send, but the counts give {sum(counts[rank])}")
+    if size == 1:
+        return x
+    return _TokenAllToAll.apply(x, counts, group, size, rank)
 
 
 def local_slice(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:

@@ -48,11 +48,13 @@ EXTRA = {
     "falcon_h1": {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 4, "mamba_d_state": 8, "mamba_d_ssm": 128,
                   "mamba_chunk_size": 8},
     "lfm2": {"layer_types": ["conv", "full_attention"]}, "lfm3": {"layer_types": ["conv", "full_attention"]},
+    # Qwen3.5's full attention fills its rotary table through a view (planner/graph/functionalize.py).
+    "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},
 }
 
 # The reason of a mixture-of-experts family whose experts run as dimshard's experts op (kernels/moe).
 MOE_EXPERTS_OP = ("its experts run as dimshard's experts op (transformers' experts interface); "
-                  "tests/test_moe_families.py checks mixtral, qwen2_moe, qwen3_moe, glm4_moe and olmoe")
+                  "tests/test_moe_families.py checks mixtral, qwen2_moe, qwen3_moe, glm4_moe, olmoe and deepseek_v3")
 ENCODER_AS_DECODER = "a bidirectional encoder with an LM head (is_decoder), not a decoder-only LM"
 STATE_SPACE = "state-space, recurrent or linear-attention layers (conv1d and scans): no op rules for them yet"
 # Hybrids whose recurrent layers run as dimshard's recurrent ops but whose default config routes to experts.
@@ -72,9 +74,7 @@ OTHER = {
     "olmo_hybrid": ("recurrent layers covered (tests/test_recurrent_families.py); its checkpoint holds the q/k/v "
                     "short convolutions as one tensor transformers converts on load, which plan.json's checkpoint "
                     "names leave out, so a save_pretrained folder does not load into train.py"),
-    "kimi_linear": HYBRID_EXPERTS + "; its attention layers write keys into a view, as minicpm3 (KNOWN_GAPS)",
-    "qwen3_5_text": ("its Gated DeltaNet layers pass tests/test_recurrent_families.py; a tiny model with a full "
-                     "attention layer fails at run time (a __setitem__ on a tensor the compiled code does not hold)"),
+    "kimi_linear": HYBRID_EXPERTS + "; its latent attention layers too (keys written into views)",
     **{name: MULTIMODAL for name in (
         "gemma3", "gemma3n", "gemma3n_text", "gemma4", "gemma4_unified", "mllama", "got_ocr2", "fuyu", "emu3", "git",
         "moshi", "musicgen", "musicgen_melody", "moss_transcribe_diarize", "phi4_multimodal", "blt",
@@ -91,11 +91,6 @@ OTHER = {
 # Dense decoder-only families that do not pass yet, with why (tests/test_model_breadth.py expects them
 # to fail and says so when one starts passing).
 KNOWN_GAPS = {
-    "minicpm3": "writes into a view (key_states[..., :n].copy_(...)); the tracer does not follow writes "
-                "through views yet, so the compiled model would read an uninitialised key",
-    "youtu": "writes into a view (key_states[..., :n].copy_(...)); the tracer does not follow writes "
-             "through views yet, so the compiled model would read an uninitialised key",
-    "ctrl": "generated code passes a numpy scalar it does not import (NameError at run time)",
     "hrm_text": "recurrent reasoning cycles run partly without gradient; the compiled gradient of its "
                 "initial state differs",
     "trocr": "a parameter the training loss never reaches gets no gradient, which the runtime does not expect",

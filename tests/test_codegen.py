@@ -66,7 +66,10 @@ def test_tp_rank1_declares_its_column_and_row_shards(tp_output):
         # 2-D: shrink before growing, so each collective moves the smallest tensor
         ((Shard(0), PARTIAL), (REPLICATE, REPLICATE), ["all_reduce", "all_gather"]),
         ((REPLICATE, PARTIAL), (Shard(2), Shard(1)), ["local_slice", "reduce_scatter"]),
-        ((Shard(1), REPLICATE), (REPLICATE, Shard(1)), ["local_slice", "all_gather"]),
+        ((Shard(2), REPLICATE), (REPLICATE, Shard(1)), ["local_slice", "all_gather"]),
+        # the same dim moves from the outer axis to the inner one: slicing first would cut the outer
+        # axis's chunk, not the whole dim (shards nest in axis order), so it is gathered first
+        ((Shard(1), REPLICATE), (REPLICATE, Shard(1)), ["all_gather", "local_slice"]),
     ],
 )
 def test_redistribution_steps_follow_the_table(src, dst, kinds):

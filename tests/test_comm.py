@@ -19,6 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_distributed
+from test_redistribute_nesting import NESTED_REDISTRIBUTIONS, planned_steps
+from token_exchange_check import check_token_all_to_all
 
 from dimshard.planner.cost.hardware import COLLECTIVES
 from dimshard.planner.plan.collectives import COLLECTIVES_TABLE
@@ -229,6 +231,8 @@ def _check_table_entries() -> None:
     world = dist.get_world_size()
     mesh = Mesh(sizes=[world], groups=[None], coords=[[q] for q in range(world)])
     for i, collective in enumerate(COLLECTIVES_TABLE.values()):
+        if not collective.redistributes:  # run inside an op; checked by check_token_all_to_all
+            continue
         (src, src_tag), (dst, dst_tag) = _table_placement(collective.source, 1), _table_placement(collective.target, 2)
         [step] = redistribution_steps((src,), (dst,))
         assert step.kind == collective.kind
@@ -244,6 +248,7 @@ def _check_one_axis() -> None:
     _check_collectives_one_axis()
     _check_edge_cases()
     _check_table_entries()
+    check_token_all_to_all()
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -365,10 +370,12 @@ def _check_mesh_and_layout() -> dict:
         # a sharded summand: gathered, then Partial on the same axis (planner/plan/redistribute.py)
         (lambda x: replicate_to_partial(all_gather(x, 0, tp), tp), ["S0", "S1"], ["P", "S1"]),
     ]
+    # the planner's steps where one dim is split over both axes (tests/test_redistribute_nesting.py)
+    cases += [(functools.partial(planned_steps, src=s, dst=d, groups=(tp, sp)), s, d) for s, d in NESTED_REDISTRIBUTIONS]
     for i, (op, src, dst) in enumerate(cases):
         for dtype in (torch.float32, torch.bfloat16):
             try:
-                _check_case(op, src, dst, shape, mesh, seed=200 + i, dtype=dtype)
+                _check_case(op, src, dst, shape if i < len(cases) - len(NESTED_REDISTRIBUTIONS) else (8, 8, 4), mesh, seed=200 + i, dtype=dtype)
             except AssertionError as error:
                 raise AssertionError(f"2-D case {i}: {src} -> {dst}, {dtype}") from error
 

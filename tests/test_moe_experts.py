@@ -204,3 +204,78 @@ def test_backward_keeps_no_more_than_the_inputs():
     inputs_numel = sum(t.numel() for t in leaves)
     assert saved_numel(moe_experts) <= inputs_numel
     assert saved_numel(experts_reference) > inputs_numel  # the loop alone keeps its intermediates
+
+
+def _check_dispatched_equals_unsplit() -> None:
+    """One rank: its tokens and its slice of the experts through the all-to-all form, against the unsplit op."""
+    import torch.distributed as dist
+
+    from dimshard.kernels.moe.dispatch import moe_experts_dispatched
+    from dimshard.runtime import comm
+
+    ranks, rank = dist.get_world_size(), dist.get_rank()
+    for variant in VARIANTS:
+        gated, interleaved, transposed, biased, activation = variant
+        inputs = _inputs(gated, transposed, biased, seed=3)
+        inputs[1][: TOKENS // ranks] = 0  # rank 0's tokens all pick expert 0 first: uneven counts
+        options = _options(gated, interleaved, transposed, activation)
+        whole, whole_grads = _value_and_grads(moe_experts, inputs, options)
+        tokens = slice(rank * TOKENS // ranks, (rank + 1) * TOKENS // ranks)
+        experts = slice(rank * EXPERTS // ranks, (rank + 1) * EXPERTS // ranks)
+        mine = [t[tokens] if i < 3 else t[experts] if t is not None else None for i, t in enumerate(inputs)]
+        leaves = [t.clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in mine]
+        out = moe_experts_dispatched(*leaves, group=None, comm=comm, **options)
+        out.backward(torch.linspace(-1, 1, whole.numel()).view_as(whole)[tokens])
+        torch.testing.assert_close(out, whole[tokens], atol=1e-5, rtol=1e-5, msg=str(variant))
+        for i, (leaf, reference) in enumerate(zip(leaves, whole_grads)):
+            if reference is not None:
+                expected = reference[tokens] if i < 3 else reference[experts]
+                torch.testing.assert_close(leaf.grad, expected, atol=1e-5, rtol=1e-5, msg=f"{variant} input {i}")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_dispatched_experts_equal_the_unsplit_op(world_size):
+    """Tokens and experts split over the same ranks, pairs sent by all-to-all: output and every gradient
+    equal the unsplit op's on this rank's tokens and experts (uneven counts, every weight variant)."""
+    from dist_utils import run_distributed
+
+    run_distributed(_check_dispatched_equals_unsplit, world_size, timeout_s=120)
+
+
+def test_route_to_ranks_orders_pairs_by_destination():
+    from dimshard.kernels.moe.dispatch import route_to_ranks
+
+    order, counts = route_to_ranks(torch.tensor([[3, 0], [1, 2], [0, 3]]), experts_per_rank=2, ranks=2)
+    assert counts.tolist() == [3, 3] and order.tolist() == [1, 2, 4, 0, 3, 5]
+
+
+def test_dispatch_cost_against_gather_and_reduce_scatter():
+    """All-to-all bytes are tokens x hidden x top-k per direction (x the imbalance); gather + reduce-scatter
+    moves the axis' tokens twice, whatever k: the dispatch is cheaper at top-2 and dearer at top-8 on 8 ranks."""
+    from dimshard.planner.cost.hardware import load_hw_profile
+    from dimshard.planner.cost.op_costs import EXPERT_IMBALANCE, redistribution_cost, token_dispatch_cost
+    from dimshard.planner.plan.placements import PARTIAL, REPLICATE, Mesh, Shard
+
+    hw, mesh, tokens, hidden = load_hw_profile("h100"), Mesh(("ep",), (8,)), 4096, 2048
+    gathered = redistribution_cost((8 * tokens, hidden), 2, (Shard(0),), (REPLICATE,), mesh, hw, True)
+    reduced = redistribution_cost((8 * tokens, hidden), 2, (PARTIAL,), (Shard(0),), mesh, hw, True)
+    gather_s = gathered.forward_s + gathered.backward_s + reduced.forward_s + reduced.backward_s
+    for slots, cheaper in ((2, True), (8, False)):
+        cost = token_dispatch_cost(tokens, hidden, slots, 2, mesh, 0, hw)
+        assert [b for _, _, b, _ in cost.forward] == [tokens * slots * hidden * 2 * EXPERT_IMBALANCE * 7 // 8] * 2
+        assert ((cost.forward_s + cost.backward_s) < gather_s) == cheaper, slots
+    assert token_dispatch_cost(tokens, hidden, 2, 2, Mesh(("ep",), (1,)), 0, hw).forward == ()
+
+
+def test_autograd_graph_does_not_depend_on_the_routing():
+    """One node with the same edges whether the rank's experts were picked or not: ranks holding different
+    experts must build the same graph, or the backward's collectives on two groups may run in different orders."""
+    def node(expert_ids: torch.Tensor):
+        inputs = _inputs(True, False, False)
+        inputs[3], inputs[4], inputs[5] = expert_ids, inputs[4][:2], inputs[5][:2]
+        leaves = [t.clone().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
+        return moe_experts(*leaves, **_options(True, False, False, "silu")).grad_fn
+
+    hit, missed = node(torch.arange(2)), node(torch.arange(EXPERTS, EXPERTS + 2))
+    assert type(hit) is type(missed) and len(hit.next_functions) == len(missed.next_functions)
+    assert all(type(a[0]) is type(b[0]) for a, b in zip(hit.next_functions, missed.next_functions))

@@ -122,6 +122,11 @@ CASES.update({
     "torch.Tensor.bincount#weighted": (lambda x, w: torch.Tensor.bincount(x, w, minlength=8),
                                        (_PICKS.reshape(-1), _t(12))),
 })
+# Writes through views (planner/graph/functionalize.py): a strided slice of the last dim, a select of dim 1.
+CASES.update({
+    "torch.slice_scatter": (torch.slice_scatter, (_t(4, 8, 6), _t(4, 8, 3), 2, 1, 6, 2)),
+    "torch.select_scatter": (torch.select_scatter, (_t(4, 8, 6), _t(4, 6), 1, 3)),
+})
 
 # Registered rules without a generic case yet (factories, indexing, rules of kernels tested in
 # tests/test_kernels_*.py, integer and comparison ops): listed so that a new rule still fails.

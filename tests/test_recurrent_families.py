@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 from dist_utils import run_distributed
-from model_families import SEQUENCE, causal_lm_families
+from model_families import SEQUENCE, TINY, causal_lm_families
 from parallel_harness import assemble, rank_step, reference_step
 from test_model_breadth import BATCH, FOUR_WAY_HEADS, _models
 
@@ -37,10 +37,11 @@ EXPERTS_OFF: dict[str, dict[str, Any]] = {
     "qwen3_next": {"mlp_only_layers": [0, 1], "layer_types": ["linear_attention", "full_attention"],
                    "linear_num_key_heads": 4, "linear_num_value_heads": 8, "linear_key_head_dim": 8,
                    "linear_value_head_dim": 8},
-    # Kimi's attention layers write keys into a view (key_states[..., :n].copy_), which the tracer does not follow
-    # yet (tests/model_families.py KNOWN_GAPS, minicpm3): its linear-attention layers only.
-    "kimi_linear": {"mlp_layer_types": ["dense", "dense"], "layer_types": ["linear_attention", "linear_attention"],
-                    "linear_num_heads": 4, "linear_head_dim": 8},
+    # Kimi's attention layer is multi-head latent attention: it writes keys into views (key_states[..., :n].copy_),
+    # which the tracer turns into scatters (planner/graph/functionalize.py).
+    "kimi_linear": {"mlp_layer_types": ["dense", "dense"], "layer_types": ["linear_attention", "full_attention"],
+                    "linear_num_heads": 4, "linear_head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                    "v_head_dim": 16, "kv_lora_rank": 16},
 }
 # Families without attention layers: their heads (and Mamba2's head_dim) are the mixer's, already 4-way.
 NO_ATTENTION = {"mamba", "falcon_mamba", "mamba2"}
@@ -61,6 +62,8 @@ def _prepare(family: str, ranks: int, workdir: Path, input_ids: torch.Tensor) ->
 
     four_way = FOUR_WAY_HEADS if ranks == 4 and family not in NO_ATTENTION else {}
     overrides = {**EXPERTS_OFF.get(family, {}), **four_way}
+    if "kv_lora_rank" in overrides:  # latent attention expands its keys to one head per query head
+        overrides["num_key_value_heads"] = overrides.get("num_attention_heads", TINY["num_attention_heads"])
     reference, ours = _models(family, **overrides)
     workdir.mkdir(parents=True, exist_ok=True)
     weights = workdir / "weights.safetensors"

@@ -1,5 +1,6 @@
 """Mixture-of-experts kernels: the routed experts as one op (``experts.py``) and the grouped product
-it runs on CUDA (``grouped_mm.py``). Hugging Face models reach the op through ``kernels/hf_experts.py``."""
+it runs on CUDA (``grouped_mm.py``); ``dispatch.py``: the op with experts and tokens split over the same
+ranks, pairs sent to their experts by all-to-all. Hugging Face models reach the op through ``kernels/hf_experts.py``."""
 
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from dimshard.planner.ops.registry import OpCall, register_op
 
@@ -180,8 +179,38 @@ def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
     tensors = [t for t in args if isinstance(t, torch.Tensor)]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return path(*args, **options)
-    # Backward keeps only the inputs and runs the experts' forward again: the (token, expert) pairs'
-    # gathered rows and projections are k * (d + 3f) values a token, ~9x its hidden state in
-    # Qwen3-30B-A3B's shape, more than the cost model's "inputs" saves (planner/cost/op_costs.py
-    # prices the second forward).
-    return torch.utils.checkpoint.checkpoint(functools.partial(path, **options), *args, use_reentrant=False)
+    return _RecomputedExperts.apply(functools.partial(path, **options), *args)
+
+
+class _RecomputedExperts(torch.autograd.Function):
+    """The experts as one autograd node, whatever the routing; backward runs their forward again.
+
+    One node: the loop's graph (which experts were hit, or none) depends on the routing, so on
+    ranks holding different experts it would differ, and the autograd engine, which orders ready
+    nodes by creation, could then run the backward's collectives on other process groups (a tp x
+    ep mesh) in a different order on different ranks: a deadlock. Recomputing: the (token, expert)
+    pairs' gathered rows and projections are k * (d + 3f) values a token, ~9x its hidden state in
+    Qwen3-30B-A3B's shape, more than the cost model's "inputs" saves (planner/cost/op_costs.py
+    prices the second forward).
+    """
+
+    @staticmethod
+    def forward(ctx, path: Callable[..., torch.Tensor], *args: torch.Tensor | None) -> torch.Tensor:  # noqa: ANN001
+        ctx.path = path
+        ctx.save_for_backward(*args)
+        with torch.no_grad():
+            return path(*args)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        needs = ctx.needs_input_grad[1:]
+        args = [a.detach().requires_grad_(need) if a is not None else None
+                for a, need in zip(ctx.saved_tensors, needs)]
+        wanted = [a for a, need in zip(args, needs) if need]
+        with torch.enable_grad():
+            out = ctx.path(*args)
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
+        # Every input that wants a gradient gets one, zeros where no pair used it (an unpicked expert).
+        result = [(next(grads) if need else None) for need in needs]
+        result = [torch.zeros_like(a) if need and g is None else g for a, need, g in zip(args, needs, result)]
+        return (None, *result)

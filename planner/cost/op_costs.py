@@ -115,6 +115,27 @@ def grouped_matmul_flops(in_shapes: list[tuple[int, ...]], experts: int) -> floa
     return 2.0 * tokens * slots * (local / experts) * weights_per_expert * imbalance
 
 
+def token_dispatch_cost(tokens: int, hidden: int, slots: int, itemsize: int, mesh: Mesh, axis: int,
+                        hw: HardwareProfile) -> CollectiveCost:
+    """The all-to-all dispatch and combine of ``kernels/moe/dispatch.py`` on mesh ``axis``, and their backward.
+
+    ``tokens``: the rank's local tokens; each of its ``tokens * slots`` pairs sends a hidden row
+    (``hidden * itemsize`` bytes) to its expert's rank and gets one back, (n - 1) / n of them to
+    other ranks at even routing, times ``EXPERT_IMBALANCE`` for the busiest rank's share (the
+    grouped product's assumption). Backward runs the same two exchanges (combine's pattern for
+    dispatch and the other way round). The counts exchange (n integers a rank) is its latency.
+    """
+    n = mesh.shape[axis]
+    if n <= 1:
+        return CollectiveCost((), ())
+    rows = float(tokens * slots * hidden * itemsize) * EXPERT_IMBALANCE
+    nbytes = float(step_bytes(Step("token_all_to_all", axis), int(rows), n))
+    seconds = axis_collective_seconds(hw, "token_all_to_all", nbytes, mesh, axis)
+    counts = axis_collective_seconds(hw, "all_gather", 8.0 * (n - 1), mesh, axis)
+    both = (("token_all_to_all", axis, nbytes, seconds + counts), ("token_all_to_all", axis, nbytes, seconds))
+    return CollectiveCost(both, both)
+
+
 def saved_inputs(graph: Graph, op: Op) -> list[int]:
     """Positions of the tensor inputs ``op`` keeps for its backward (see the module docstring)."""
     in_ids = op.input_ids()

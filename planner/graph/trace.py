@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..ops.annotations import AnnotationError, parse_annotation
 from ..ops.registry import OpCall, TensorMeta, custom_op_name, get_rule, is_recorded, op_name, op_record
+from .functionalize import FOLLOWED_VIEWS, ViewFunctionalizer, is_write
 from .ir import BUFFER, CONSTANT, DEVICE, INPUT, PARAMETER, Graph, Op, Tensor, TensorRef
 
 
@@ -42,6 +43,8 @@ class _Recorder(TorchFunctionMode):
         self.nodes: dict[int, int] = {}  # id(python tensor) -> graph tensor id
         self.alive: list[torch.Tensor] = []  # keep traced tensors alive so ids are not reused
         self.meta_params: dict[int, torch.Tensor] = {}
+        self.views = ViewFunctionalizer(self.emit, self.lookup, lambda tid: (
+            self.graph.tensors[tid].shape, self.graph.tensors[tid].dtype))
 
     def new_tensor(self, t: torch.Tensor, kind: str, name: str | None = None, producer: int | None = None) -> int:
         tid = len(self.graph.tensors)
@@ -55,7 +58,9 @@ class _Recorder(TorchFunctionMode):
     def lookup(self, t: torch.Tensor) -> int:
         tid = self.nodes.get(id(t))
         if tid is not None:
-            return tid
+            current = self.views.current(tid)  # after a write through a view: the new version
+            self.nodes[id(t)] = current
+            return current
         # A tensor that is neither an input, a parameter, a buffer nor an op result: a constant
         # held by the model outside its state (a plain attribute). Capture its value.
         if t.is_meta:
@@ -86,6 +91,10 @@ class _Recorder(TorchFunctionMode):
         out = func(*run_args, **run_kwargs)
 
         writes_first_arg = op_record(name).mutates_first_arg
+        returned_first = bool(run_args) and out is run_args[0] and isinstance(out, torch.Tensor)
+        writes = bool(args) and isinstance(args[0], torch.Tensor) and is_write(name, writes_first_arg, returned_first)
+        if writes and self.views.write(name, args, kwargs):
+            return out  # recorded as functional ops (planner/graph/functionalize.py)
         out_struct = args[0] if writes_first_arg else out
         out_flat, _ = tree_flatten(out_struct)
         if not any(isinstance(x, torch.Tensor) for x in out_flat):
@@ -102,7 +111,29 @@ class _Recorder(TorchFunctionMode):
                 out,
             )
         self.graph.ops.append(op)
+        if writes:
+            self.views.replaced(op.input_ids()[0], op.output_ids()[0])
+        elif isinstance(op.output, TensorRef) and op.input_ids() and (returned_first or (
+                name in FOLLOWED_VIEWS and out._is_view() and out._base is _storage_root(run_args[0]))):
+            self.views.add_view(op.output.id, op.input_ids()[0], op)
         return out
+
+    def emit(self, target: Callable, args: tuple, kwargs: dict) -> int:
+        """Record ``target(*args, **kwargs)`` (tensors as ``TensorRef``), run on meta tensors of the
+        recorded shapes; returns the output's tensor id. For ops the tracer adds itself."""
+        def to_meta(x: Any) -> Any:
+            if not isinstance(x, TensorRef):
+                return x
+            t = self.graph.tensors[x.id]
+            meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            return meta.requires_grad_(t.requires_grad) if t.dtype.is_floating_point else meta
+        run_args, run_kwargs = tree_map(to_meta, (args, kwargs))
+        out = target(*run_args, **run_kwargs)
+        index = len(self.graph.ops)
+        op = Op(index, op_name(target), target, tuple(args), dict(kwargs), None, self.scope())
+        op.output = TensorRef(self.new_tensor(out, "activation", producer=index))
+        self.graph.ops.append(op)
+        return op.output.id
 
     def _to_meta(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -126,6 +157,10 @@ class _Recorder(TorchFunctionMode):
         if isinstance(x, torch.Size):
             return tuple(x)
         return x
+
+
+def _storage_root(x: Any) -> Any:
+    return x._base if isinstance(x, torch.Tensor) and x._is_view() else x
 
 
 @contextlib.contextmanager

@@ -39,6 +39,8 @@ class Collective:
     communicate but writes a tensor of its local result's size (zeros); the cost model prices
     that write at the copy bandwidth, forward and backward. ``priced_like``: the kind whose bus
     bandwidth and latency stand in for this one's in a profile that does not give its own.
+    ``redistributes``: False for a kind an op runs inside itself (the experts' token dispatch), which
+    ``collective_for`` never picks to convert one placement into another.
     """
 
     kind: str
@@ -53,6 +55,7 @@ class Collective:
     measure: Callable[[Any, int], Callable[[], object]] | None = None
     writes_local: bool = False
     priced_like: str | None = None
+    redistributes: bool = True
 
     @property
     def communicates(self) -> bool:
@@ -99,6 +102,14 @@ def _measure_all_to_all(x: Any, n: int) -> Callable[[], object]:
     return lambda: dist.all_to_all_single(out, x)
 
 
+def _measure_token_all_to_all(x: Any, n: int) -> Callable[[], object]:
+    import torch.distributed as dist
+
+    out = x.new_empty(x.numel())
+    splits = [x.numel() // n] * n  # the split-size form the dispatch calls, at even routing
+    return lambda: dist.all_to_all_single(out, x, splits, splits)
+
+
 COLLECTIVES_TABLE: dict[str, Collective] = {c.kind: c for c in (
     Collective("all_reduce", "partial", "replicate", 3, "all_reduce", "all_reduce", (), 0,
                lambda local, n: 2 * local * (n - 1) // n, _measure_all_reduce),
@@ -117,6 +128,13 @@ COLLECTIVES_TABLE: dict[str, Collective] = {c.kind: c for c in (
     # gradient of the input. Last, after any all-gather of a sharded summand on the same axis.
     Collective("replicate_to_partial", "replicate", "partial", 5, "replicate_to_partial", "replicate_to_partial",
                (), 0, lambda local, n: 0, writes_local=True),
+    # Inside the experts op split by expert with its tokens split on the same axis
+    # (kernels/moe/dispatch.py): rows of (token, slot) pairs go to the rank holding their expert, with
+    # uneven counts; its backward is the same exchange with the counts transposed (dispatch <->
+    # combine). ``local`` is the rows a rank sends; at even routing (n-1)/n of them leave it.
+    Collective("token_all_to_all", "shard", "shard", 2, "token_all_to_all", "token_all_to_all", (), 0,
+               lambda local, n: local * (n - 1) // n, _measure_token_all_to_all, priced_like="all_to_all",
+               redistributes=False),
 )}
 # The kinds that move data, in the order profiles list them.
 COMMUNICATING = tuple(k for k, c in COLLECTIVES_TABLE.items() if c.communicates)
@@ -136,4 +154,5 @@ def placement_kind(p: object) -> str:
 def collective_for(source: object, target: object) -> Collective | None:
     """The table entry turning per-axis placement ``source`` into ``target``, or None when none does."""
     src, dst = placement_kind(source), placement_kind(target)
-    return next((c for c in COLLECTIVES_TABLE.values() if c.source == src and c.target == dst), None)
+    return next((c for c in COLLECTIVES_TABLE.values() if c.redistributes and c.source == src and c.target == dst),
+                None)

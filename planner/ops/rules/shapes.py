@@ -153,6 +153,26 @@ def _getitem(call: OpCall) -> str:
     return f"{join_dims(ins)} -> {join_dims(outs)}"
 
 
+def _scatter_into(call: OpCall) -> str:
+    """slice_scatter / select_scatter (a write into a view, planner/graph/functionalize.py): the written
+    dim stays whole in the base and the value, the other dims split together; the output is the base."""
+    base, value = call.inputs[0], call.inputs[1]
+    dim = normalize_dim(call.arg(2, "dim", 0), base.ndim)
+    names = FreshNames("w")
+    base_dims: list[str] = []
+    value_dims: list[str] = []
+    for d in range(base.ndim):
+        if d != dim:
+            name = names()
+            base_dims.append(name)
+            value_dims.append(name)
+            continue
+        base_dims.append(names() + "^")
+        if value.ndim == base.ndim:  # a slice keeps the dim; a select drops it
+            value_dims.append(names() + "^")
+    return f"{join_dims(base_dims)}, {join_dims(value_dims)} -> {join_dims(base_dims)}"
+
+
 def _cat(call: OpCall) -> str:
     first = call.inputs[0]
     if any(t.ndim != first.ndim for t in call.inputs):
@@ -341,6 +361,7 @@ set_rule(["torch.repeat_interleave", "torch.Tensor.repeat_interleave"], _repeat_
 set_rule("torch.Tensor.repeat", _repeat, saves="nothing")
 set_rule("torch.Tensor.__getitem__", _getitem, cost="view", operator="[]")
 set_rule("torch.Tensor.__setitem__", opaque, mutates_first_arg=True)
+set_rule(["torch.slice_scatter", "torch.select_scatter"], _scatter_into, saves="nothing")
 set_rule(["torch.Tensor.index_select", "torch.index_select"], _index_select)
 set_rule(["torch.Tensor.gather", "torch.gather"], _gather)  # GPT-J's rotary table lookup (eager attention)
 set_rule(["torch.cat", "torch.concat", "torch.concatenate"], _cat, saves="nothing")
