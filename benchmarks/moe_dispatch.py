@@ -30,6 +30,7 @@ import torch.distributed as dist
 from dimshard.kernels.moe import moe_experts
 from dimshard.kernels.moe.dispatch import moe_experts_dispatched, route_to_ranks
 from dimshard.runtime import comm
+from dimshard.runtime.reliability.gpu_memory import enable_expandable_segments
 
 TOLERANCE = 2e-2
 
@@ -86,6 +87,7 @@ def _time(fn, inputs: list[torch.Tensor], repeats: int, device: torch.device) ->
 
 
 def main() -> int:
+    enable_expandable_segments()  # before CUDA starts, as every rank runs
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per rank")
     parser.add_argument("--hidden", type=int, default=2048)

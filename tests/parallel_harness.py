@@ -80,6 +80,20 @@ def rank_step(compile_dir: str, weights_file: str, input_ids: torch.Tensor, opti
     return {"loss": global_loss.item(), "local_loss": loss.item(), "grads": grads, "params": params}
 
 
+def rank_steps(jobs: list[tuple[str, str]], input_ids: torch.Tensor, lr: float) -> list[dict]:
+    """One rank: ``rank_step`` with SGD for every (compile dir, weights file) in turn; a case that raises
+    gives ``{"error": its traceback}`` instead, so one failure does not hide the others' results."""
+    import traceback
+
+    results = []
+    for compile_dir, weights in jobs:
+        try:
+            results.append(rank_step(compile_dir, weights, input_ids, "sgd", lr))
+        except Exception:  # noqa: BLE001 — reported per case by the caller
+            results.append({"error": traceback.format_exc(limit=6)[-2000:]})
+    return results
+
+
 def assemble(results: list[dict], key: str, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full tensors from every rank's shards; checks that replicas of a shard agree exactly."""
     out = {n: torch.full_like(t, float("nan")) for n, t in full.items()}

@@ -19,7 +19,6 @@ import argparse
 import copy
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from model_families import (
     family_status,
     tiny_config,
 )
-from parallel_harness import assert_matches_reference, rank_step, reference_step
+from parallel_harness import assert_matches_reference, rank_step, rank_steps, reference_step
 
 TOL = 1e-5  # the loss, absolute
 # A gradient, relative to its largest entry (when that exceeds 1): sums over every token in fp32, in
@@ -95,18 +94,6 @@ def _compile_family(model_type: str, workdir: Path, input_ids: torch.Tensor) -> 
     return {"loss": loss.item(), "grads": grads}, jobs
 
 
-def _run_all(jobs: list[tuple[str, str]], input_ids: torch.Tensor) -> list[dict]:
-    """One rank: every compiled model in turn (module level, so spawned ranks can import it)."""
-    results = []
-    for compile_dir, weights in jobs:
-        try:
-            out = rank_step(compile_dir, weights, input_ids, "sgd", 0.0)
-            results.append({"loss": out["loss"], "grads": out["grads"]})
-        except Exception:  # noqa: BLE001 — one family's failure must not hide the others'
-            results.append({"error": traceback.format_exc(limit=4)[-1500:]})
-    return results
-
-
 def check_families(families: list[str], workdir: Path) -> dict[str, dict[str, Any]]:
     """Run the breadth checks; returns per family {"status", "reason", "seconds"} (status ok/failed/moe/other)."""
     input_ids = torch.randint(0, 128, (BATCH, SEQUENCE), generator=torch.Generator().manual_seed(0))
@@ -132,7 +119,7 @@ def check_families(families: list[str], workdir: Path) -> dict[str, dict[str, An
         jobs += family_jobs
         owners += [(family, policy) for policy in POLICIES]
     if jobs:
-        ranks = run_distributed(_run_all, 2, jobs, input_ids, timeout_s=900)
+        ranks = run_distributed(rank_steps, 2, jobs, input_ids, 0.0, timeout_s=900)
         for index, (family, policy) in enumerate(owners):
             outcome = [rank[index] for rank in ranks]
             problem = _compare(outcome, refs[family])

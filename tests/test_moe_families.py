@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import re
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 from model_families import tiny_config
-from parallel_harness import assert_matches_reference, rank_step, reference_step, save_weights
+from parallel_harness import assert_matches_reference, rank_steps, reference_step, save_weights
 
 TOL = 2e-5
 LR = 1e-2
@@ -79,17 +78,6 @@ def moe_models(family: str, aux_loss: bool) -> tuple[torch.nn.Module, torch.nn.M
     return reference.train(), ours.train()
 
 
-def _run_jobs(jobs: list[tuple[str, str]], input_ids: torch.Tensor) -> list[dict]:
-    """One rank: every compiled model in turn, one SGD step each (module level: spawned ranks import it)."""
-    results = []
-    for compile_dir, weights in jobs:
-        try:
-            results.append(rank_step(compile_dir, weights, input_ids, "sgd", LR))
-        except Exception:  # noqa: BLE001 — one case's failure must not hide the others'
-            results.append({"error": traceback.format_exc(limit=6)[-2000:]})
-    return results
-
-
 def _compile_all(workdir: Path, input_ids: torch.Tensor) -> tuple[dict, dict[int, list[tuple[str, str, str]]]]:
     """References per (family, aux) and, per rank count, the (case name, compile dir, weights) to run."""
     from dimshard.planner import CompileConfig, compile_model
@@ -121,7 +109,7 @@ def test_moe_families_match_hugging_face(tmp_path):
     refs, jobs = _compile_all(tmp_path, input_ids)
     failures = []
     for ngpus, cases in jobs.items():
-        per_rank = run_distributed(_run_jobs, ngpus, [(d, w) for _, d, w in cases], input_ids, timeout_s=600)
+        per_rank = run_distributed(rank_steps, ngpus, [(d, w) for _, d, w in cases], input_ids, LR, timeout_s=600)
         for index, (name, compile_dir, _) in enumerate(cases):
             results = [rank[index] for rank in per_rank]
             errors = [r["error"] for r in results if "error" in r]

@@ -14,7 +14,6 @@ code calls only the split forms.
 from __future__ import annotations
 
 import copy
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 from model_families import SEQUENCE, TINY, causal_lm_families
-from parallel_harness import assemble, rank_step, reference_step
+from parallel_harness import assemble, rank_steps, reference_step
 from test_model_breadth import BATCH, FOUR_WAY_HEADS, _models
 
 # Hybrids whose default config routes to experts: the same layers with dense MLPs (their experts are
@@ -87,17 +86,6 @@ def _split_calls_problem(compile_dir: Path) -> str:
     return ""
 
 
-def _run_jobs(jobs: list[tuple[str, str]], input_ids: torch.Tensor) -> list[dict]:
-    """One rank: every compiled model in turn (module level, so spawned ranks can import it)."""
-    results = []
-    for compile_dir, weights in jobs:
-        try:
-            results.append(rank_step(compile_dir, weights, input_ids, "sgd", LR))
-        except Exception:  # noqa: BLE001 — one family's failure must not hide the others'
-            results.append({"error": traceback.format_exc(limit=4)[-1500:]})
-    return results
-
-
 def _problem(results: list[dict], ref: dict) -> str:
     """Empty when every rank's loss and the assembled gradients and updated parameters match ``ref``."""
     errors = [r["error"] for r in results if "error" in r]
@@ -132,7 +120,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, i
                 continue
             jobs += family_jobs
             owners += [(family, policy) for policy in POLICIES]
-        results = run_distributed(_run_jobs, ranks, jobs, input_ids, timeout_s=600) if jobs else []
+        results = run_distributed(rank_steps, ranks, jobs, input_ids, LR, timeout_s=600) if jobs else []
         for index, (family, policy) in enumerate(owners):
             codegen = _split_calls_problem(root / f"{family}_{ranks}" / policy) if policy == "cp" else ""
             found[(family, policy, ranks)] = codegen or _problem([rank[index] for rank in results], refs[family])
