@@ -43,6 +43,7 @@ def _value_and_grads(fn, inputs, options) -> tuple[torch.Tensor, list[torch.Tens
     return out.detach(), [t.grad if t is not None and t.requires_grad else None for t in leaves]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("gated,interleaved,transposed,biased,activation", VARIANTS)
 def test_expert_shards_sum_to_the_whole(gated, interleaved, transposed, biased, activation):
     """Split over experts, each shard's output is a partial sum: the shards add up to the whole, gradients too."""
@@ -97,6 +98,7 @@ def test_grouped_mm_reference_and_dispatch():
     torch.testing.assert_close(grouped_mm(x, w, offsets), expected)  # CPU: the reference
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "olmoe"])
 def test_hugging_face_experts_match(family):
     """A whole tiny model with experts_implementation="dimshard" equals its eager experts: loss and gradients.

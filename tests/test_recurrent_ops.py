@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from dimshard.kernels import recurrent
 from dimshard.kernels.recurrent.chunked import chunked_recurrence, stepwise_recurrence
 
+# Also on the oldest supported torch and transformers (.ci/run): the GPU image's pair.
+pytestmark = pytest.mark.smoke
+
 G = torch.Generator().manual_seed(0)
 F64 = torch.float64
 
