@@ -149,7 +149,6 @@ class PlanAnalysis:
     static: dict[str, float]
     grad_sync_s: float
     optimizer_s: float
-    working_bytes: float
     regions: dict[str, _Region]
     working: list[tuple[int, str | None, float]]  # (op index, its region, working bytes) of ops with any
     gradients: list[float]  # per op index: gradients alive while it runs backward, besides its own
@@ -332,7 +331,6 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
     regions = sorted(dict.fromkeys(regions), key=lambda r: -r.count("."))
     region_info = {r: _Region(r) for r in regions}
     compute = comm = flops = 0.0
-    working = 0.0
     other: list[tuple[int, tuple, float]] = []
     working_ops: list[tuple[int, str | None, float]] = []
     records: list[CollectiveRecord] = []
@@ -400,7 +398,6 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         op_working = working_bytes(graph, op, ins, outs, mesh)
         if op_working:
             working_ops.append((op.index, scope, op_working))
-        working = max(working, op_working)
     # The loss is brought to Replicate at the end of forward, as codegen does (a scalar: latency only).
     out_id = graph.output_ids()[0]
     t = graph.tensors[out_id]
@@ -421,7 +418,7 @@ def analyze(graph: Graph, resolved: ResolvedPlan, hw: HardwareProfile, dp_size: 
         static["optimizer"] += state.optimizer
         sync += state.sync_s
         opt_s += state.optimizer_s
-    return PlanAnalysis(compute, comm, flops, static, sync, opt_s, working, region_info, working_ops,
+    return PlanAnalysis(compute, comm, flops, static, sync, opt_s, region_info, working_ops,
                         _gradients_in_flight(graph, resolved, tensor_bytes), other, records, dp_size, hw.name)
 
 

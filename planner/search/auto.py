@@ -68,7 +68,7 @@ from ..plan.sequence_split import sequence_split_axis
 from .offload_search import no_fit_message, offload_candidates, split_key
 from .placement_problem import PlacementProblem, Weights
 from .policies import PolicyContext, recompute_scopes, register_policy
-from .solver import MAX_TABLE_ENTRIES, elimination_order
+from .solver import MAX_TABLE_ENTRIES, SearchTooLarge, elimination_order
 
 # Multipliers of the natural time-per-byte scale tried for the memory weight lambda.
 LAMBDA_MULTIPLIERS = (0.1, 1.0, 10.0, 100.0, 1e4)
@@ -243,9 +243,7 @@ def search(graph: Graph, ctx: PolicyContext) -> SearchResult:
                 problem = PlacementProblem(graph, structure, mesh, hw, dp_size, zero, accumulation)
         try:
             solves += _search_mesh(graph, problem, n_layers, choices, budget, solve_ks, evaluated, analyses)
-        except PlanError as error:
-            if "needs a table of" not in str(error):
-                raise
+        except SearchTooLarge as error:
             # Exact search cannot solve this mesh (e.g. a 2-D mesh over layers whose routers all feed
             # the loss): the other meshes still compete; only when none can is it an error.
             too_entangled.append(f"{'x'.join(map(str, shape))} ({error})")

@@ -10,6 +10,10 @@ from ..plan.placements import PlanError
 MAX_TABLE_ENTRIES = 40_000_000
 
 
+class SearchTooLarge(PlanError):
+    """Exact search of a placement problem would need a table over MAX_TABLE_ENTRIES entries."""
+
+
 def elimination_order(sizes: list[int], scopes: list[tuple[int, ...]]) -> tuple[list[int], float]:
     """A variable elimination order by weighted min-fill, and the largest table it creates.
 
@@ -53,7 +57,7 @@ def minimize(sizes: list[int], factors: list[tuple[tuple[int, ...], np.ndarray]]
     """
     order, largest = order if order is not None else elimination_order(sizes, [scope for scope, _ in factors])
     if largest > MAX_TABLE_ENTRIES:
-        raise PlanError(f"the per-layer placement problem needs a table of {largest:,.0f} entries; "
+        raise SearchTooLarge(f"the per-layer placement problem needs a table of {largest:,.0f} entries; "
                         "use a built-in policy or a 1-D mesh for this model")
     alive: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
     by_var: dict[int, set[int]] = {v: set() for v in range(len(sizes))}
